@@ -1,0 +1,21 @@
+"""Install FastV Advanced: `pip install -e .` (install torch first, pinned, to avoid pulling a CUDA build)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fastv_advanced",
+    version="0.1.0",
+    description="FastV visual-token pruning for transformers' LLaVA with pluggable token-selection strategies",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.20,<6",
+        "tokenizers>=0.21",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"]},
+)
