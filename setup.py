@@ -17,5 +17,14 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
     ],
+    entry_points={
+        "console_scripts": [
+            "fastv-eval-scivqa=fastv_advanced.cli.eval_scivqa:main",
+            "fastv-sweep=fastv_advanced.cli.sweep:main",
+            "fastv-compare=fastv_advanced.cli.compare:main",
+            "fastv-merge-chunks=fastv_advanced.cli.merge_chunks:main",
+            "fastv-convert=fastv_advanced.cli.convert:main",
+        ]
+    },
     extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"]},
 )
