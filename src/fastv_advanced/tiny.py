@@ -51,6 +51,8 @@ def build_tokenizer(vocab_size: int = 400) -> LlamaTokenizer:
     model_state = json.loads(bpe.model.__getstate__())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]]
     tokenizer = LlamaTokenizer(vocab=model_state["vocab"], merges=merges, legacy=False, add_prefix_space=True)
+    tokenizer.add_bos_token = True
+    tokenizer.update_post_processor()
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.padding_side = "left"
     return tokenizer

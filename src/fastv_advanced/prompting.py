@@ -1,0 +1,131 @@
+"""LLaVA-1.5 prompts, token ids and image preprocessing, as the original evaluation builds them.
+
+- Conversation templates: `vicuna_v1` (= `llava_v1`, the LLaVA-1.5 protocol) and `plain`.
+- Token ids are built chunk-wise like the original `tokenizer_image_token`: the prompt is split at `<image>`,
+  each chunk tokenized on its own (BOS only on the first), and the image token inserted between them, expanded to
+  the model's number of image tokens.
+- Images are padded to a square with the CLIP mean colour (`image_aspect_ratio="pad"`) before the processor's
+  resize and centre crop, or centre-cropped directly (`"crop"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A single-turn conversation: `system + sep + user_role + ": " + message + sep + assistant_role + ":"`."""
+
+    name: str
+    system: str
+    user_role: str
+    assistant_role: str
+    sep: str
+
+    def render(self, message: str) -> str:
+        """The prompt for one user message, ending where the assistant's answer starts."""
+        if not self.user_role:
+            return f"{self.system}{message}{self.sep}"
+        return f"{self.system}{self.sep}{self.user_role}: {message}{self.sep}{self.assistant_role}:"
+
+
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+CONVERSATION_TEMPLATES = {
+    "vicuna_v1": ConversationTemplate("vicuna_v1", _VICUNA_SYSTEM, "USER", "ASSISTANT", " "),
+    "llava_v1": ConversationTemplate("llava_v1", _VICUNA_SYSTEM, "USER", "ASSISTANT", " "),
+    "plain": ConversationTemplate("plain", "", "", "", "\n"),
+}
+
+
+def get_template(conv_mode: str) -> ConversationTemplate:
+    """The template registered as `conv_mode`; ValueError listing the known ones otherwise."""
+    if conv_mode not in CONVERSATION_TEMPLATES:
+        raise ValueError(f"--conv-mode {conv_mode!r} is not supported; choose one of {sorted(CONVERSATION_TEMPLATES)}")
+    return CONVERSATION_TEMPLATES[conv_mode]
+
+
+def build_prompt(question: str, has_image: bool, single_pred_prompt: bool, conv_mode: str = "vicuna_v1") -> str:
+    """The full prompt for a ScienceQA question (without its `<image>` line, which is added when `has_image`)."""
+    question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    if has_image:
+        question = f"{IMAGE_PLACEHOLDER}\n{question}"
+    if single_pred_prompt:
+        question = f"{question}\n{SINGLE_PRED_PROMPT}"
+    return get_template(conv_mode).render(question)
+
+
+def tokenize_with_image(prompt: str, tokenizer, image_token_id: int, num_image_tokens: int) -> list[int]:
+    """Token ids of `prompt` with each `<image>` replaced by `num_image_tokens` copies of `image_token_id`.
+
+    Chunks around `<image>` are tokenized separately (BOS only on the first chunk), as the original LLaVA does.
+    """
+    chunks = prompt.split(IMAGE_PLACEHOLDER)
+    ids: list[int] = []
+    for index, chunk in enumerate(chunks):
+        chunk_ids = tokenizer(chunk, add_special_tokens=True).input_ids if chunk or index == 0 else []
+        if index > 0:
+            if chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
+                chunk_ids = chunk_ids[1:]
+            ids.extend([image_token_id] * num_image_tokens)
+        ids.extend(chunk_ids)
+    return ids
+
+
+def num_image_tokens(model_config) -> int:
+    """Image tokens one image becomes in the decoder input: patches, plus CLS with the `full` strategy."""
+    vision = model_config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if model_config.vision_feature_select_strategy == "full" else 0)
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad an image to a square, centred, with `background` (LLaVA-1.5's `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def preprocess_image(image: Image.Image, image_processor, image_aspect_ratio: str = "pad") -> torch.Tensor:
+    """Pixel values [1, 3, H, W] for one image; `pad` pads to a square with the processor's mean colour first."""
+    image = image.convert("RGB")
+    if image_aspect_ratio == "pad":
+        background = tuple(int(x * 255) for x in image_processor.image_mean)
+        image = expand_to_square(image, background)
+    elif image_aspect_ratio != "crop":
+        raise ValueError(f"--image-aspect-ratio {image_aspect_ratio!r} is not supported; choose 'pad' or 'crop'")
+    return image_processor(images=image, return_tensors="pt")["pixel_values"]
+
+
+def build_inputs(
+    question: str,
+    image: Image.Image | None,
+    processor,
+    model_config,
+    single_pred_prompt: bool = True,
+    conv_mode: str = "vicuna_v1",
+    image_aspect_ratio: str = "pad",
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """(prompt, model inputs) for one question: `input_ids` [1, S], `attention_mask` [1, S] and, with an image,
+    `pixel_values` [1, 3, H, W]."""
+    prompt = build_prompt(question, image is not None, single_pred_prompt, conv_mode)
+    ids = tokenize_with_image(prompt, processor.tokenizer, model_config.image_token_id, num_image_tokens(model_config))
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if image is not None:
+        inputs["pixel_values"] = preprocess_image(image, processor.image_processor, image_aspect_ratio)
+    return prompt, inputs
