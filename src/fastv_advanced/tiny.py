@@ -148,14 +148,15 @@ def build_model(
     return model.eval()
 
 
-def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs):
-    """(model, processor) pair: a tiny random LLaVA and the processor that feeds it."""
+def build_tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", qk_scale: float = 4.0, **config_kwargs):
+    """(model, processor) pair: a tiny random LLaVA and the processor that feeds it (`config_kwargs` as in
+    `build_config`)."""
     image_size = config_kwargs.get("image_size", 32)
     patch_size = config_kwargs.get("patch_size", 4)
     tokenizer = build_tokenizer()
     processor = build_processor(image_size=image_size, patch_size=patch_size, tokenizer=tokenizer)
-    model = build_model(build_config(tokenizer, **config_kwargs), seed=seed, attn_implementation=attn_implementation)
-    return model, processor
+    config = build_config(tokenizer, **config_kwargs)
+    return build_model(config, seed=seed, qk_scale=qk_scale, attn_implementation=attn_implementation), processor
 
 
 def save_tiny_llava(path, seed: int = 0, **config_kwargs) -> None:
