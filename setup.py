@@ -16,6 +16,8 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "sentencepiece>=0.1.99",
+        "protobuf>=3.20",
     ],
     entry_points={
         "console_scripts": [
