@@ -28,5 +28,9 @@ setup(
             "fastv-convert=fastv_advanced.cli.convert:main",
         ]
     },
-    extras_require={"test": ["pytest>=8"], "plot": ["matplotlib>=3.7"]},
+    extras_require={
+        "test": ["pytest>=8", "accelerate>=1.0"],
+        "plot": ["matplotlib>=3.7"],
+        "accelerate": ["accelerate>=1.0"],
+    },
 )
