@@ -1,0 +1,823 @@
+#!/usr/bin/env python
+"""FastV prefill benchmark: speed-up and memory against the FLOPs ratio, mask-mode FastV and eager FastV.
+
+    python benchmarks/bench_prefill.py --preset scaled            # CPU, fp32, scaled LLaVA shapes (< 10 min, 2 cores)
+    python benchmarks/bench_prefill.py --preset llava7b           # one CUDA GPU, fp16, LLaVA-1.5-7B shapes (< 5 min)
+    python benchmarks/bench_prefill.py --preset llava7b --device cpu --smoke   # CPU crash check of the GPU path
+
+Random weights are created directly on the device; nothing is downloaded. Modes, all on the same prompt:
+
+    baseline        unpruned model, SDPA attention (the reference every speed-up is measured against)
+    drop            this project: `apply_fastv` (last-query scoring, physical drop after layer K), SDPA
+    mask            research-repo FastV: same selection, dropped tokens only masked as keys in layers >= K
+    eager_baseline  unpruned model, eager attention
+    eager_fastv     original FastV: eager attention, full layer K-1 attention weights, physical drop
+
+Timings are medians over rounds in which every configuration runs once, in a shuffled order (baseline several
+times per round), after a warm-up round, so that drift hits all configurations alike. "prefill" is one forward of
+the whole model (vision tower, projector, decoder, last-position logits, KV cache filled), as `generate` does it;
+"decoder" is the Llama decoder's share of it (the part the FLOPs ratio describes), timed by hooks on its forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from fastv_advanced import FastVConfig, apply_fastv
+from fastv_advanced.flops import DecoderShape, prefill_flops
+from fastv_advanced.pruning import last_query_attention
+from fastv_advanced.strategies import get_strategy, run_strategy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
+from measure import MemoryProbe, Stopwatch, cpu_peak_supported, load_average, synchronize  # noqa: E402
+
+GRID_K = (1, 2, 3)
+GRID_RANKS = (576, 432, 288, 144, 72, 0)  # for 576 image tokens; scaled proportionally for other image sizes
+PRUNED_MODES = ("drop", "mask", "eager_fastv")
+ALL_MODES = ("baseline", "eager_baseline") + PRUNED_MODES
+IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS, EOS = 32000, 32001, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# presets
+
+
+@dataclass
+class Preset:
+    name: str
+    device: str
+    dtype: str
+    text: dict  # LlamaConfig fields
+    vision: dict  # CLIPVisionConfig fields
+    n_before_image: int = 35  # BOS + system prompt + "USER:" (DESIGN.md section 5: the image starts at 35)
+    n_after_image: int = 60  # question, options, "ASSISTANT:"
+    qk_scale: float = 2.0  # random init gives near-uniform attention; sharpen it so rankings are not float noise
+    vision_note: str = ""
+    # what the default (non-smoke) run measures
+    side_by_side_k: tuple = GRID_K  # K values at which mask / eager modes run (drop runs the full grid)
+    e2e_k: tuple = (2,)
+    e2e_ranks: tuple = GRID_RANKS
+    new_tokens: tuple = (1, 32)
+    warmup: int = 1
+    min_reps: int = 3
+    max_reps: int = 5
+    baseline_copies: int = 2  # baseline runs per prefill round
+    e2e_min_reps: int = 1
+    e2e_max_reps: int = 3
+    time_budget_s: float = 540.0
+
+
+LLAVA7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32064)
+CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=336, patch_size=14, projection_dim=768)
+
+PRESETS = {
+    "llava7b": Preset(
+        name="llava7b", device="cuda", dtype="float16", text=LLAVA7B_TEXT, vision=CLIP_L336,
+        vision_note="CLIP ViT-L/14-336 shapes (24 layers, hidden 1024): cheap next to the 7B decoder on a GPU "
+                    "(~4% of prefill FLOPs), so the end-to-end numbers keep LLaVA-1.5's real proportions",
+        side_by_side_k=GRID_K, e2e_k=(2,), warmup=2, min_reps=5, max_reps=15, baseline_copies=3,
+        e2e_min_reps=2, e2e_max_reps=3, time_budget_s=270.0,
+    ),
+    "scaled": Preset(
+        name="scaled", device="cpu", dtype="float32",
+        text=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32064),
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=4,
+                    image_size=336, patch_size=14, projection_dim=256),
+        vision_note="stand-in CLIP (hidden 256, 5 layers, 336px / patch 14 = 576 tokens) sized so the vision "
+                    "tower is ~4% of prefill FLOPs, as CLIP ViT-L/14-336 is for LLaVA-1.5-7B; the real ViT-L would "
+                    "cost more than this scaled decoder on a CPU",
+        side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(576, 288, 144, 0), warmup=1, min_reps=3, max_reps=5,
+        baseline_copies=2, e2e_min_reps=1, e2e_max_reps=3, time_budget_s=540.0,
+    ),
+    "tiny": Preset(
+        name="tiny", device="cpu", dtype="float32",
+        text=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=32064),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=4, projection_dim=32),
+        n_before_image=8, n_after_image=10, qk_scale=4.0,
+        vision_note="toy CLIP (32px / patch 4 = 64 image tokens) for tests",
+        side_by_side_k=(1, 2), e2e_k=(2,), e2e_ranks=(576, 288, 0), new_tokens=(1, 4), warmup=1, min_reps=1,
+        max_reps=2, baseline_copies=1, e2e_min_reps=1, e2e_max_reps=1, time_budget_s=60.0,
+    ),
+}
+
+# --smoke: same code path, smallest grid, one timed round (also shrinks llava7b's widths when run on a CPU)
+SMOKE = dict(grid_k=(2,), grid_ranks=(576, 288, 0), side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288,),
+             new_tokens=(1, 4), warmup=1, min_reps=1, max_reps=1, baseline_copies=1, e2e_min_reps=1, e2e_max_reps=1)
+LLAVA7B_CPU_SMOKE_TEXT = dict(LLAVA7B_TEXT, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=2)
+LLAVA7B_CPU_SMOKE_VISION = dict(CLIP_L336, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=2, projection_dim=64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model and inputs
+
+
+def build_model(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> LlavaForConditionalGeneration:
+    """A random-weight LLaVA-1.5-layout model created directly on `device` in `dtype`."""
+    vision = CLIPVisionConfig(**preset.vision)
+    text = LlamaConfig(**preset.text, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=PAD_TOKEN_ID,
+                       bos_token_id=BOS, eos_token_id=EOS)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         vision_feature_layer=-2, pad_token_id=PAD_TOKEN_ID)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(preset.qk_scale)
+            layer.self_attn.k_proj.weight.mul_(preset.qk_scale)
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+    model.generation_config = GenerationConfig(do_sample=False, bos_token_id=BOS, eos_token_id=EOS,
+                                               pad_token_id=PAD_TOKEN_ID)
+    return model.eval()
+
+
+def build_inputs(model, preset: Preset, device: torch.device, dtype: torch.dtype, batch: int, seed: int) -> dict:
+    """[BOS, system + "USER:" ids, 576 x <image>, question ids]: input_ids, attention_mask, pixel_values."""
+    vision = model.config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        before = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_before_image - 1,), generator=g)
+        after = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_after_image,), generator=g)
+        rows.append(torch.cat([torch.tensor([BOS]), before, torch.full((n_image,), IMAGE_TOKEN_ID), after]))
+    input_ids = torch.stack(rows).to(device)
+    pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g).to(device, dtype)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configurations
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    k: int | None = None
+    rank: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.mode if self.k is None else f"{self.mode}/K{self.k}/R{self.rank}"
+
+
+def text_attention(mode: str) -> str:
+    return "eager" if mode.startswith("eager") else "sdpa"
+
+
+def mode_context(model, config: Config):
+    """Switch the text model's attention for the mode and enter its pruning context."""
+    impl = text_attention(config.mode)
+    if model.config.text_config._attn_implementation != impl:
+        model.set_attn_implementation({"text_config": impl})
+    if config.k is None:
+        return contextlib.nullcontext(None)
+    fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
+    if config.mode == "drop":
+        return apply_fastv(model, fastv)
+    if config.mode == "mask":
+        return MaskModeFastV(model, fastv)
+    if config.mode == "eager_fastv":
+        return EagerFastV(model, fastv)
+    raise ValueError(config.mode)
+
+
+class DecoderTimer:
+    """Times the Llama decoder's forward inside a model forward (hooks, device-synchronised)."""
+
+    def __init__(self, language_model, device):
+        self.device, self.seconds = device, float("nan")
+        self._handles = [
+            language_model.register_forward_pre_hook(self._start),
+            language_model.register_forward_hook(self._stop),
+        ]
+
+    def _start(self, module, args):
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._t0
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurements
+
+
+@dataclass
+class Bench:
+    model: LlavaForConditionalGeneration
+    inputs: dict
+    device: torch.device
+    n_image: int
+    deadline: float
+    measure_memory_in_timed_runs: bool  # GPU: cheap and exact; CPU: a separate memory round instead
+    samples: dict = field(default_factory=dict)  # key -> {"prefill_s": [...], "decoder_s": [...], ...}
+    selections: dict = field(default_factory=dict)  # key -> kept positions [batch, S']
+    last_logits: dict = field(default_factory=dict)  # key -> FloatTensor[batch, vocab]
+    memory: dict = field(default_factory=dict)  # key -> {"prefill_peak_extra_bytes": ..., ...}
+
+    def _record(self, config: Config, name: str, value) -> None:
+        self.samples.setdefault(config.key, {}).setdefault(name, []).append(value)
+
+    def prefill(self, config: Config, record: bool = True, memory: bool = False) -> None:
+        timer = DecoderTimer(self.model.model.language_model, self.device)
+        probe = MemoryProbe(self.device)
+        watch = Stopwatch(self.device)
+        try:
+            with mode_context(self.model, config) as fastv, torch.inference_mode():
+                with contextlib.ExitStack() as stack:
+                    if memory:
+                        stack.enter_context(probe)
+                    with watch:
+                        out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        finally:
+            timer.remove()
+        if config.key not in self.last_logits:
+            self.last_logits[config.key] = out.logits[:, -1].float().cpu()
+            if fastv is not None:
+                self.selections[config.key] = fastv.last_selection.kept_positions.cpu()
+        if record:
+            self._record(config, "prefill_s", watch.seconds)
+            self._record(config, "decoder_s", timer.seconds)
+        if memory:
+            self.memory.setdefault(config.key, {})["prefill_peak_extra_bytes"] = probe.peak_extra
+            self.memory[config.key]["prefill_peak_total_bytes"] = probe.peak_total
+
+    def generate(self, config: Config, new_tokens: tuple, record: bool = True, memory: bool = False) -> None:
+        prompt_len = self.inputs["input_ids"].shape[1]
+        for n in new_tokens:
+            probe = MemoryProbe(self.device)
+            watch = Stopwatch(self.device)
+            with mode_context(self.model, config), torch.inference_mode():
+                with contextlib.ExitStack() as stack:
+                    if memory and n == max(new_tokens):
+                        stack.enter_context(probe)
+                    with watch:
+                        out = self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            if out.shape[1] != prompt_len + n:
+                raise RuntimeError(f"{config.key}: generate returned {out.shape[1] - prompt_len} tokens, expected {n}")
+            if record:
+                self._record(config, f"e2e_{n}_s", watch.seconds)
+            if memory and n == max(new_tokens):
+                self.memory.setdefault(config.key, {})[f"generate_{n}_peak_extra_bytes"] = probe.peak_extra
+                self.memory[config.key][f"generate_{n}_peak_total_bytes"] = probe.peak_total
+
+
+def run_rounds(configs: list[Config], visit, min_reps: int, max_reps: int, deadline: float, seed: int,
+               baseline_copies: int = 1, log=print, label: str = "") -> int:
+    """Interleaved rounds: every config once per round (baseline `baseline_copies` times), shuffled order.
+
+    Runs at least `min_reps` rounds, and more up to `max_reps` while the next round is expected to end before
+    `deadline`. Returns the number of rounds run.
+    """
+    rng = random.Random(seed)
+    rounds = 0
+    while rounds < max_reps:
+        start = time.perf_counter()
+        order = list(configs) + [c for c in configs if c.mode == "baseline"] * (baseline_copies - 1)
+        rng.shuffle(order)
+        for config in order:
+            visit(config)
+        rounds += 1
+        took = time.perf_counter() - start
+        log(f"  {label} round {rounds}: {took:.1f} s")
+        if rounds >= min_reps and time.time() + took > deadline:
+            if rounds < max_reps:
+                log(f"  {label}: stopping after {rounds} rounds (time budget)")
+            break
+    return rounds
+
+
+def selection_inputs(model, inputs: dict, k: int) -> dict:
+    """Capture, in an unpruned forward, what the selection reads at layer K-1: the last query row, the keys,
+    RoPE cos/sin and mask (as `fastv_advanced.pruning` captures them), plus layer K's input for the gathers."""
+    attn = model.model.language_model.layers[k - 1].self_attn
+    captured = {}
+    handles = [
+        attn.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(mask=kw.get("attention_mask"), rope=kw.get("position_embeddings")),
+            with_kwargs=True),
+        attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(query=o[:, -1:].clone())),
+        attn.k_proj.register_forward_hook(lambda m, a, o: captured.update(keys=o.clone())),
+        model.model.language_model.layers[k].register_forward_pre_hook(
+            lambda m, a, kw: captured.update(hidden=(a[0] if a else kw["hidden_states"]).clone(),
+                                             position_ids=kw.get("position_ids")), with_kwargs=True),
+    ]
+    try:
+        with mode_context(model, Config("baseline")), torch.inference_mode():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    captured["head_dim"], captured["scaling"] = attn.head_dim, attn.scaling
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    captured["is_image"] = is_image
+    captured["image_positions"] = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)
+    return captured
+
+
+def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, with_gathers: bool = False):
+    """The selection as `fastv_advanced.pruning` runs it: last-query scores -> strategy -> top-R -> kept positions
+    (and, with_gathers, the drop's gathers of hidden states and cos/sin)."""
+    cos, sin = c["rope"]
+    probs = last_query_attention(c["query"], c["keys"], cos, sin, c["mask"], c["head_dim"], c["scaling"])
+    positions = c["image_positions"]
+    attention = probs.gather(2, positions[:, None, :].expand(-1, probs.shape[1], -1))  # [B, H, N]
+    scores, _ = run_strategy(strategy, attention, fastv, generator)
+    top = scores.topk(rank, dim=-1).indices.sort(dim=-1).values
+    keep = ~c["is_image"]
+    keep.scatter_(1, positions.gather(1, top), True)
+    kept = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+    if with_gathers:
+        hidden = c["hidden"]
+        index = kept[:, :, None]
+        hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
+        cos.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
+        sin.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
+    return kept
+
+
+def time_selection(model, inputs, device, ks, ranks, n_image, reps: int) -> list[dict]:
+    rows = []
+    strategy = get_strategy("avg_all_heads")
+    generator = torch.Generator().manual_seed(0)
+    for k in ks:
+        c = selection_inputs(model, inputs, k)
+        for rank in ranks:
+            fastv = FastVConfig(agg_layer=k, attention_rank=rank)
+            row = {"k": k, "rank": rank}
+            for name, gathers in (("selection_s", False), ("selection_and_gathers_s", True)):
+                with torch.inference_mode():
+                    for _ in range(3):
+                        selection_step(c, rank, fastv, strategy, generator, gathers)
+                    times = []
+                    for _ in range(reps):
+                        with Stopwatch(device) as w:
+                            selection_step(c, rank, fastv, strategy, generator, gathers)
+                        times.append(w.seconds)
+                row[name] = statistics.median(times)
+            rows.append(row)
+    return rows
+
+
+def selection_memory_scaling(model, device, dtype, seq_lens: list[int], n_before: int, n_after: int) -> list[dict]:
+    """Peak extra memory of the selection step at growing sequence lengths (synthetic tensors at the model's
+    head count and widths), next to the H x S x S attention weights that eager FastV materialises and holds."""
+    text = model.config.text_config
+    attn = model.model.language_model.layers[0].self_attn
+    heads, kv_heads, head_dim = text.num_attention_heads, text.num_key_value_heads, attn.head_dim
+    rotary = model.model.language_model.rotary_emb
+    strategy = get_strategy("avg_all_heads")
+    generator = torch.Generator().manual_seed(0)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for seq_len in seq_lens:
+        n_image = seq_len - n_before - n_after
+        ids = torch.zeros(1, seq_len, dtype=torch.bool)
+        ids[0, n_before:n_before + n_image] = True
+        with torch.inference_mode():
+            x = torch.zeros(1, seq_len, text.hidden_size, device=device, dtype=dtype)
+            cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
+            del x
+            c = {
+                "query": torch.randn(1, 1, heads * head_dim, generator=g).to(device, dtype),
+                "keys": torch.randn(1, seq_len, kv_heads * head_dim, generator=g).to(device, dtype),
+                "rope": (cos, sin), "mask": None, "head_dim": head_dim, "scaling": attn.scaling,
+                "is_image": ids.to(device),
+                "image_positions": ids.nonzero()[:, 1].view(1, -1).to(device),
+            }
+            fastv = FastVConfig(agg_layer=1, attention_rank=n_image // 2)
+            selection_step(c, n_image // 2, fastv, strategy, generator)  # warm-up
+            probe = MemoryProbe(device)
+            with probe:
+                selection_step(c, n_image // 2, fastv, strategy, generator)
+        element = torch.finfo(dtype).bits // 8
+        rows.append({
+            "seq_len": seq_len,
+            "selection_peak_extra_bytes": probe.peak_extra,
+            "inputs_bytes": (c["keys"].numel() + c["query"].numel()) * element,
+            "full_attention_weights_bytes": heads * seq_len * seq_len * element,
+        })
+        del c
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarise(bench: Bench, configs: list[Config], shape: DecoderShape, n_tokens: int, n_image: int) -> list[dict]:
+    base = bench.samples.get("baseline", {})
+    base_prefill, base_decoder = median(base.get("prefill_s", [])), median(base.get("decoder_s", []))
+    base_e2e = {name: median(v) for name, v in base.items() if name.startswith("e2e_")}
+    rows = []
+    for config in configs:
+        s = bench.samples.get(config.key, {})
+        pruned = config.k is not None
+        flops = prefill_flops(shape, n_tokens, n_image, config.rank if pruned else None, config.k)
+        theory = 1.0 / flops["ratio"]
+        row = {
+            "mode": config.mode, "k": config.k, "rank": config.rank, "key": config.key,
+            "attention": text_attention(config.mode),
+            "tokens_after_k": flops["pruned_num_tokens"] if config.mode in ("drop", "eager_fastv") else n_tokens,
+            "flops_ratio": flops["ratio"], "theoretical_speedup": theory,
+            "n_prefill": len(s.get("prefill_s", [])),
+        }
+        for name in ("prefill_s", "decoder_s"):
+            values = s.get(name, [])
+            row[name] = median(values)
+            row[name.replace("_s", "_iqr_s")] = (
+                statistics.quantiles(values, n=4)[2] - statistics.quantiles(values, n=4)[0]
+                if len(values) >= 2 else None
+            )
+            row[name.replace("_s", "_samples_s")] = values
+        for label, value, reference in (("prefill", row["prefill_s"], base_prefill),
+                                        ("decoder", row["decoder_s"], base_decoder)):
+            speedup = reference / value if value and reference else None
+            row[f"{label}_speedup"] = speedup
+            row[f"{label}_speedup_over_theoretical"] = speedup / theory if speedup else None
+        for name, values in s.items():
+            if name.startswith("e2e_"):
+                row[name] = median(values)
+                row[f"{name}_samples"] = values
+                row[name.replace("_s", "_speedup")] = base_e2e.get(name) / row[name] if base_e2e.get(name) else None
+        row.update(bench.memory.get(config.key, {}))
+        rows.append(row)
+    return rows
+
+
+def checks(bench: Bench, configs: list[Config]) -> list[dict]:
+    """Per (K, R) with several modes: same kept tokens, and last-position logits of mask/eager vs drop."""
+    out = []
+    base_logits = bench.last_logits.get("baseline")
+    for config in configs:
+        if config.mode != "drop":
+            continue
+        drop = bench.last_logits[config.key]
+        kept = bench.selections[config.key]
+        row = {"k": config.k, "rank": config.rank, "logits_finite": bool(torch.isfinite(drop).all())}
+        if config.rank == bench.n_image and base_logits is not None:
+            row["drop_full_rank_vs_baseline_max_abs_diff"] = float((drop - base_logits).abs().max())
+        for other in ("mask", "eager_fastv"):
+            key = Config(other, config.k, config.rank).key
+            if key not in bench.last_logits:
+                continue
+            other_kept = bench.selections[key]
+            same = other_kept.shape == kept.shape and bool((other_kept == kept).all())
+            row[f"{other}_same_kept_positions"] = same
+            if not same:
+                overlap = len(set(other_kept[0].tolist()) & set(kept[0].tolist())) / max(1, kept.shape[1])
+                row[f"{other}_kept_overlap"] = overlap
+            row[f"{other}_vs_drop_max_abs_logit_diff"] = float((bench.last_logits[key] - drop).abs().max())
+        row["logit_scale"] = float(drop.abs().max())
+        out.append(row)
+    return out
+
+
+def fmt(value, spec=".2f", scale=1.0, empty="–"):
+    if value is None:
+        return empty
+    return format(value * scale if scale != 1.0 else value, spec)
+
+
+def mib(value):
+    return fmt(value, ".1f", 1 / 2**20)
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"## FastV prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
+        "",
+        f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
+        f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- load average before/after: {meta['load_before']} / {meta['load_after']}; elapsed {meta['elapsed_s']:.0f} s",
+        f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
+        f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
+        f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up "
+        f"round(s); end-to-end: {meta['e2e_rounds']} rounds; speed-ups against `baseline` (unpruned, SDPA)",
+        "",
+        "### Prefill (theoretical = decoder FLOPs ratio of DESIGN.md §4; mask mode removes no FLOPs)",
+        "",
+        "| mode | K | R | tokens after K | FLOPs ratio | theor. × | prefill ms | × | ×/theor. | decoder ms | × | ×/theor. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mode']} | {fmt(r['k'], 'd')} | {fmt(r['rank'], 'd')} | {r['tokens_after_k']} | "
+            f"{r['flops_ratio']:.3f} | {r['theoretical_speedup']:.2f} | {fmt(r['prefill_s'], '.1f', 1e3)} | "
+            f"{fmt(r['prefill_speedup'])} | {fmt(r['prefill_speedup_over_theoretical'])} | "
+            f"{fmt(r['decoder_s'], '.1f', 1e3)} | {fmt(r['decoder_speedup'])} | "
+            f"{fmt(r['decoder_speedup_over_theoretical'])} |"
+        )
+    new_tokens = meta["new_tokens"]
+    e2e_rows = [r for r in result["rows"] if any(k.startswith("e2e_") for k in r)]
+    if e2e_rows:
+        n_max = max(new_tokens)
+        lines += [
+            "",
+            f"### End-to-end (greedy generate, min = max new tokens) and peak memory — subset: {meta['e2e_subset']}",
+            "",
+            f"Peak memory: {meta['memory_method']}. 'extra' = above the memory in use before the call "
+            "(weights, inputs).",
+            "",
+            "| mode | K | R | " + " | ".join(f"{n} tok ms | ×" for n in new_tokens)
+            + f" | prefill peak extra MiB | generate({n_max}) peak extra MiB | peak total MiB |",
+            "|---|---|---|" + "---|---|" * len(new_tokens) + "---|---|---|",
+        ]
+        for r in e2e_rows:
+            cells = " | ".join(f"{fmt(r.get(f'e2e_{n}_s'), '.1f', 1e3)} | {fmt(r.get(f'e2e_{n}_speedup'))}"
+                               for n in new_tokens)
+            lines.append(
+                f"| {r['mode']} | {fmt(r['k'], 'd')} | {fmt(r['rank'], 'd')} | {cells} | "
+                f"{mib(r.get('prefill_peak_extra_bytes'))} | {mib(r.get(f'generate_{n_max}_peak_extra_bytes'))} | "
+                f"{mib(r.get(f'generate_{n_max}_peak_total_bytes', r.get('prefill_peak_total_bytes')))} |"
+            )
+    if result.get("selection"):
+        lines += [
+            "",
+            "### Selection step (last-query scores + strategy + top-R + kept positions), timed alone on the tensors "
+            "captured at layer K-1",
+            "",
+            "| K | R | selection ms | + drop gathers ms | drop prefill ms | share of prefill |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in result["selection"]:
+            lines.append(
+                f"| {s['k']} | {s['rank']} | {s['selection_s'] * 1e3:.3f} | {s['selection_and_gathers_s'] * 1e3:.3f} | "
+                f"{fmt(s.get('drop_prefill_s'), '.1f', 1e3)} | {fmt(s.get('share_of_prefill'), '.2%', 1)} |"
+            )
+    if result.get("selection_memory"):
+        lines += [
+            "",
+            "### Selection memory vs sequence length (synthetic tensors at this model's heads and widths)",
+            "",
+            "| S | selection peak extra MiB | its inputs (q, k) MiB | H×S×S weights (eager FastV) MiB |",
+            "|---|---|---|---|",
+        ]
+        for m in result["selection_memory"]:
+            lines.append(f"| {m['seq_len']} | {mib(m['selection_peak_extra_bytes'])} | {mib(m['inputs_bytes'])} | "
+                         f"{mib(m['full_attention_weights_bytes'])} |")
+    if result.get("checks"):
+        lines += ["", "### Checks (same prompt; last-position logits)", "",
+                  "| K | R | mask same kept | mask vs drop max |Δlogit| | eager same kept (overlap) | "
+                  "eager vs drop max |Δlogit| | max |logit| |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in result["checks"]:
+            eager_same = c.get("eager_fastv_same_kept_positions")
+            eager_cell = "–" if eager_same is None else (
+                "yes" if eager_same else f"no ({c.get('eager_fastv_kept_overlap', 0):.3f})")
+            lines.append(
+                f"| {c['k']} | {c['rank']} | {fmt(c.get('mask_same_kept_positions'), '')} | "
+                f"{fmt(c.get('mask_vs_drop_max_abs_logit_diff'), '.2e')} | {eager_cell} | "
+                f"{fmt(c.get('eager_fastv_vs_drop_max_abs_logit_diff'), '.2e')} | {c['logit_scale']:.2f} |"
+            )
+    if result.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--device", help="cuda or cpu (default: the preset's: llava7b cuda, scaled/tiny cpu)")
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest grid and one round (on a CPU, llava7b also shrinks to 4 layers x hidden 256)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="directory for the JSON (and markdown) result; a new timestamped file per run")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid-k", type=int, nargs="+", help=f"K values (default {list(GRID_K)})")
+    p.add_argument("--grid-ranks", type=int, nargs="+",
+                   help=f"ranks for 576 image tokens, scaled to the image (default {list(GRID_RANKS)})")
+    p.add_argument("--side-by-side-k", type=int, nargs="+", help="K values at which mask/eager FastV also run")
+    p.add_argument("--e2e-k", type=int, nargs="+", help="K values of the end-to-end and memory subset")
+    p.add_argument("--e2e-ranks", type=int, nargs="+", help="ranks of the end-to-end and memory subset")
+    p.add_argument("--new-tokens", type=int, nargs="+", help="end-to-end new-token counts (default 1 32)")
+    p.add_argument("--modes", nargs="+", choices=ALL_MODES, help="modes to run (default: all)")
+    p.add_argument("--reps", type=int, help="maximum timed prefill rounds")
+    p.add_argument("--min-reps", type=int, help="minimum timed prefill rounds (the time budget never cuts these)")
+    p.add_argument("--e2e-reps", type=int, help="maximum timed end-to-end rounds")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds after which no further optional rounds start (default: preset's)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end and memory phase")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.time()
+    preset = PRESETS[args.preset]
+    device = torch.device(args.device or preset.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--preset {args.preset} runs on a CUDA GPU, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). For a CPU crash check use: --preset {args.preset} --device cpu --smoke"
+        )
+    if args.preset == "llava7b" and device.type == "cpu":
+        if not args.smoke:
+            raise SystemExit("--preset llava7b on a CPU is only supported with --smoke (7B shapes need a GPU)")
+        preset = Preset(**{**preset.__dict__, "text": LLAVA7B_CPU_SMOKE_TEXT, "vision": LLAVA7B_CPU_SMOKE_VISION,
+                           "vision_note": "CPU smoke: llava7b code path (fp16, 576 image tokens, vocab 32064) with "
+                                          "4 layers x hidden 256 and a 2-layer toy CLIP"})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {**preset.__dict__}
+    settings["grid_k"], settings["grid_ranks"] = GRID_K, GRID_RANKS
+    if args.smoke:
+        settings.update(SMOKE)
+    overrides = dict(grid_k=args.grid_k, grid_ranks=args.grid_ranks, side_by_side_k=args.side_by_side_k,
+                     e2e_k=args.e2e_k, e2e_ranks=args.e2e_ranks, new_tokens=args.new_tokens, max_reps=args.reps,
+                     min_reps=args.min_reps, e2e_max_reps=args.e2e_reps, time_budget_s=args.time_budget)
+    settings.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+    settings["min_reps"] = min(settings["min_reps"], settings["max_reps"])
+    settings["e2e_min_reps"] = min(settings["e2e_min_reps"], settings["e2e_max_reps"])
+    modes = tuple(args.modes or ALL_MODES)
+    dtype = getattr(torch, preset.dtype)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    load_before = load_average()
+    log(f"[{time.time() - t_start:6.1f}s] preset {args.preset} on {device} ({preset.dtype}), threads "
+        f"{torch.get_num_threads()}, load {load_before}")
+
+    warnings.filterwarnings("ignore", message=".*generation flags.*")
+    transformers.logging.set_verbosity_error()
+    model = build_model(preset, device, dtype, args.seed)
+    inputs = build_inputs(model, preset, device, dtype, args.batch, args.seed)
+    vision = model.config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    n_tokens = inputs["input_ids"].shape[1]
+    shape = DecoderShape.from_text_config(model.config.text_config)
+    scale_rank = lambda r: int(round(r * n_image / 576))  # noqa: E731
+    grid_ranks = sorted({scale_rank(r) for r in settings["grid_ranks"]}, reverse=True)
+    e2e_ranks = sorted({scale_rank(r) for r in settings["e2e_ranks"]}, reverse=True)
+    log(f"[{time.time() - t_start:6.1f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
+        f"params; prompt {n_tokens} tokens, {n_image} image tokens")
+
+    # configurations: drop on the full grid, mask/eager on side_by_side_k, two unpruned references
+    configs = [Config(m) for m in ("baseline", "eager_baseline") if m in modes]
+    for mode in PRUNED_MODES:
+        if mode not in modes:
+            continue
+        ks = settings["grid_k"] if mode == "drop" else [k for k in settings["grid_k"] if k in settings["side_by_side_k"]]
+        configs += [Config(mode, k, r) for k in ks for r in grid_ranks]
+    if "baseline" not in modes:
+        raise SystemExit("--modes must include baseline (every speed-up is measured against it)")
+
+    deadline = t_start + settings["time_budget_s"]
+    bench = Bench(model, inputs, device, n_image, deadline, measure_memory_in_timed_runs=device.type == "cuda")
+    notes = []
+
+    # global warm-up (kernels, allocator), then a warm-up round of every configuration
+    for _ in range(2):
+        bench.prefill(Config("baseline"), record=False)
+    for _ in range(settings["warmup"]):
+        for config in configs:
+            bench.prefill(config, record=False)
+    log(f"[{time.time() - t_start:6.1f}s] warm-up done ({len(configs)} configurations)")
+
+    # phase 1: prefill, interleaved; memory in the timed runs on GPU
+    prefill_deadline = t_start + 0.55 * settings["time_budget_s"]
+    prefill_rounds = run_rounds(
+        configs, lambda c: bench.prefill(c, memory=bench.measure_memory_in_timed_runs), settings["min_reps"],
+        settings["max_reps"], prefill_deadline, args.seed, settings["baseline_copies"], log, "prefill")
+    log(f"[{time.time() - t_start:6.1f}s] prefill done ({prefill_rounds} rounds)")
+
+    # phase 2: end-to-end and memory on the subset
+    e2e_configs = [c for c in configs if c.k is None or (c.k in settings["e2e_k"] and c.rank in e2e_ranks)]
+    new_tokens = tuple(settings["new_tokens"])
+    e2e_rounds = 0
+    memory_method = (
+        "torch.cuda.max_memory_allocated, reset before each call" if device.type == "cuda"
+        else cpu_peak_supported()[1]
+    )
+    if not args.no_e2e:
+        cpu_memory = device.type == "cpu" and cpu_peak_supported()[0]
+        for config in e2e_configs:  # warm-up of generate, with the memory measurement (untimed)
+            if cpu_memory:
+                bench.prefill(config, record=False, memory=True)
+            bench.generate(config, new_tokens, record=False, memory=True)
+        log(f"[{time.time() - t_start:6.1f}s] end-to-end warm-up and memory done")
+        e2e_rounds = run_rounds(
+            e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
+            deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 1, log, "end-to-end")
+        log(f"[{time.time() - t_start:6.1f}s] end-to-end done ({e2e_rounds} rounds)")
+
+    # phase 3: the selection step alone, and its memory against sequence length
+    sel_k = [k for k in settings["grid_k"] if "drop" in modes]
+    selection = time_selection(model, inputs, device, sel_k, grid_ranks, n_image, reps=20)
+    rows = summarise(bench, configs, shape, n_tokens, n_image)
+    by_key = {r["key"]: r for r in rows}
+    for s in selection:
+        drop = by_key.get(Config("drop", s["k"], s["rank"]).key)
+        if drop and drop["prefill_s"]:
+            s["drop_prefill_s"] = drop["prefill_s"]
+            s["share_of_prefill"] = s["selection_s"] / drop["prefill_s"]
+    seq_lens = [n_tokens * f for f in (1, 2, 4, 8)]
+    selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
+                                                preset.n_after_image)
+    log(f"[{time.time() - t_start:6.1f}s] selection measured")
+
+    if settings["e2e_k"] != settings["grid_k"] or set(e2e_ranks) != set(grid_ranks):
+        notes.append(f"end-to-end and memory columns measured on a subset: K in {list(settings['e2e_k'])}, "
+                     f"R in {e2e_ranks} (plus the unpruned references), to keep the run within its time budget")
+    if settings["side_by_side_k"] != settings["grid_k"]:
+        notes.append(f"mask and eager FastV measured at K in {list(settings['side_by_side_k'])}; drop at every K")
+    if prefill_rounds < settings["max_reps"] or (not args.no_e2e and e2e_rounds < settings["e2e_max_reps"]):
+        notes.append(f"time budget ({settings['time_budget_s']:.0f} s) cut the rounds to {prefill_rounds} prefill / "
+                     f"{e2e_rounds} end-to-end (maximum {settings['max_reps']} / {settings['e2e_max_reps']})")
+
+    result = {
+        "meta": {
+            "preset": args.preset, "smoke": args.smoke, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
+                                                                                 else sys.argv[1:])),
+            "load_before": load_before, "load_after": load_average(),
+            "n_tokens": n_tokens, "n_image": n_image, "image_start": preset.n_before_image, "batch": args.batch,
+            "decoder_shape": {k: v for k, v in shape.__dict__.items()},
+            "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
+            "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
+            "baseline_copies": settings["baseline_copies"], "new_tokens": list(new_tokens),
+            "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {e2e_ranks}",
+            "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
+        },
+        "rows": rows,
+        "selection": selection,
+        "selection_memory": selection_memory,
+        "checks": checks(bench, configs),
+        "notes": notes,
+    }
+    result["meta"]["elapsed_s"] = time.time() - t_start
+    text = markdown(result)
+    print(text, flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1))
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
+    result["meta"]["json_path"] = str(path)
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+if __name__ == "__main__":
+    main()
