@@ -1,0 +1,249 @@
+"""Loading a LLaVA for evaluation, and what can be checked about a model path before loading it.
+
+- `inspect_model_path(path)` reads `config.json` only (no weights): format, decoder layers, image tokens, so that
+  flags can be checked before a 7B model loads.
+- `load_model(path, ...)` -> `LoadedModel(model, processor, info)`: a transformers-format LLaVA (local folder, or a hub
+  id already in the local cache) through `AutoProcessor` + `LlavaForConditionalGeneration` with SDPA for text and
+  vision and the PIL image processor, or an original-format (liuhaotian) checkpoint through
+  `original_checkpoint.load_original_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .prompting import num_image_tokens
+
+
+@dataclass
+class ModelInfo:
+    """Where a model came from and how it runs (recorded in every result)."""
+
+    model_path: str
+    model_base: str | None
+    format: str  # "transformers" or "original"
+    dtype: str
+    device: str
+    device_name: str
+    num_layers: int
+    num_image_tokens: int
+    image_processor: str
+    image_aspect_ratio: str | None = None  # "pad"/"crop" as the checkpoint declares it (original format), else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    info: ModelInfo
+
+
+@dataclass
+class ModelSpec:
+    """What can be read from a model path without loading weights (to check flags before the model loads)."""
+
+    path: str
+    format: str  # "transformers" or "original"
+    local: bool
+    num_layers: int | None
+    num_image_tokens: int | None
+    image_aspect_ratio: str | None = None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _original_checkpoint_module():
+    try:
+        from . import original_checkpoint
+    except ImportError:
+        return None
+    return original_checkpoint
+
+
+def _looks_original(config: dict) -> bool:
+    return "LlavaLlamaForCausalLM" in (config.get("architectures") or []) or "mm_vision_tower" in config
+
+
+def original_preprocessing(image_aspect_ratio: str | None) -> str:
+    """`--image-aspect-ratio` equivalent of an original checkpoint's `image_aspect_ratio`: LLaVA pads for "pad" and
+    otherwise hands the image to the CLIP processor as is (shortest-edge resize + centre crop = "crop")."""
+    return "pad" if image_aspect_ratio == "pad" else "crop"
+
+
+def _vision_tokens_from_name(name: str | None) -> int | None:
+    """576 for `openai/clip-vit-large-patch14-336` (CLS dropped), None when the name does not say."""
+    match = re.search(r"patch(\d+)(?:-(\d+))?", name or "")
+    if not match:
+        return None
+    size = int(match.group(2) or 224)
+    return (size // int(match.group(1))) ** 2
+
+
+def inspect_model_path(model_path: str) -> ModelSpec:
+    """Check a `--model-path` and read its shape from `config.json` (no weights loaded).
+
+    ValueError with a clear message for a missing folder, a folder without `config.json`, the literal
+    `liuhaotian/...` hub id that is not present locally, or a hub id absent from the local cache.
+    """
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"--model-path {model_path}: the folder has no config.json, so it is not a checkpoint")
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--model-path {model_path}: cannot read {config_file}: {exc}") from exc
+        module = _original_checkpoint_module()
+        original = module.is_original_checkpoint(str(path)) if module is not None else _looks_original(config)
+        if original:
+            return ModelSpec(
+                path=str(path.resolve()),
+                format="original",
+                local=True,
+                num_layers=config.get("num_hidden_layers"),
+                num_image_tokens=_vision_tokens_from_name(config.get("mm_vision_tower")),
+                image_aspect_ratio=original_preprocessing(config.get("image_aspect_ratio")),
+            )
+        from transformers import LlavaConfig
+
+        try:
+            llava = LlavaConfig.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
+            raise ValueError(f"--model-path {model_path}: config.json is not a LLaVA config: {exc}") from exc
+        return ModelSpec(
+            str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava)
+        )
+    if model_path.startswith("liuhaotian/"):
+        raise ValueError(
+            f"--model-path {model_path} is an original-format LLaVA checkpoint on the Hugging Face hub and is not "
+            "present locally; this machine has no network access to fetch it. Download it first (e.g. "
+            f"`huggingface-cli download {model_path} --local-dir ./models/{model_path.split('/')[-1]}`) and pass the "
+            "local folder, or convert it to the transformers format with `fastv-convert`."
+        )
+    if model_path.startswith((".", "/", "~")) or not _HUB_ID.match(model_path):
+        raise ValueError(f"--model-path {model_path} does not exist (not a folder, and not a hub id 'owner/name')")
+    from transformers import LlavaConfig
+
+    try:
+        llava = LlavaConfig.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - offline or unknown id
+        raise ValueError(
+            f"--model-path {model_path} is not a local folder and cannot be loaded from the hub or the local "
+            f"Hugging Face cache ({type(exc).__name__}: {exc}). Download it first, then pass the local folder."
+        ) from exc
+    return ModelSpec(model_path, "transformers", False, llava.text_config.num_hidden_layers, num_image_tokens(llava))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; ValueError when cuda is asked for and absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu or auto)")
+    return resolved
+
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> float16 on GPU, float32 on CPU; else the named dtype."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; choose auto, float16, bfloat16 or float32")
+    return _DTYPES[dtype]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def load_model(
+    model_path: str, model_base: str | None = None, device: str | torch.device = "auto", dtype: str = "auto"
+) -> LoadedModel:
+    """Load a LLaVA for evaluation: transformers format via `AutoProcessor` + `LlavaForConditionalGeneration`
+    (SDPA for text and vision, PIL image processor, local folders never touch the network), or an original-format
+    checkpoint through `original_checkpoint.load_original_checkpoint`."""
+    spec = inspect_model_path(model_path)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if spec.format == "original":
+        module = _original_checkpoint_module()
+        if module is None:
+            raise ValueError(
+                f"--model-path {model_path} is an original-format (liuhaotian) checkpoint; loading it needs "
+                "fastv_advanced.original_checkpoint, which is not available in this installation. Convert it to the "
+                "transformers format with `fastv-convert` and pass the converted folder."
+            )
+        model, processor = module.load_original_checkpoint(
+            spec.path, model_base=model_base, dtype=torch_dtype, device=device
+        )
+    else:
+        if model_base is not None:
+            raise ValueError(
+                f"--model-base applies to original-format checkpoints (LoRA or projector-only weights); "
+                f"{model_path} is a complete transformers-format checkpoint"
+            )
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(spec.path, local_files_only=spec.local, backend="pil")
+        model = LlavaForConditionalGeneration.from_pretrained(
+            spec.path,
+            dtype=torch_dtype,
+            attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
+            local_files_only=spec.local,
+        )
+        model.to(device)
+    model.eval()
+    config_ratio = spec.image_aspect_ratio
+    if spec.format == "original":
+        config_ratio = original_preprocessing(getattr(model.config, "image_aspect_ratio", None))
+    info = ModelInfo(
+        model_path=spec.path,
+        model_base=model_base,
+        format=spec.format,
+        dtype=str(torch_dtype).replace("torch.", ""),
+        device=str(device),
+        device_name=device_name(device),
+        num_layers=model.config.text_config.num_hidden_layers,
+        num_image_tokens=num_image_tokens(model.config),
+        image_processor=type(processor.image_processor).__name__,
+        image_aspect_ratio=config_ratio,
+    )
+    return LoadedModel(model, processor, info)
+
+
+def model_info_from(model, processor) -> ModelInfo:
+    """A `ModelInfo` for a model that was not loaded by `load_model` (e.g. built in memory)."""
+    parameter = next(model.parameters())
+    return ModelInfo(
+        model_path=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        model_base=None,
+        format="transformers",
+        dtype=str(parameter.dtype).replace("torch.", ""),
+        device=str(parameter.device),
+        device_name=device_name(parameter.device),
+        num_layers=model.config.text_config.num_hidden_layers,
+        num_image_tokens=num_image_tokens(model.config),
+        image_processor=type(processor.image_processor).__name__,
+    )
