@@ -36,13 +36,22 @@ class UsageError(ValueError):
     """A flag, file or model problem found before evaluation (exit status 2)."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only where it says something (not None/False, not already in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eval_scivqa.py",
         description="Evaluate a LLaVA-1.5 model on ScienceQA (LLaVA's protocol), optionally with FastV visual-token "
         "pruning, and write scienceqa_results_<config>.json + a per-sample .jsonl to --output-dir. Re-running "
         f"the same command resumes. Set {ENV_VAR}=1 to use the embedded tiny model and sample data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("model and data")
     data.add_argument("--model-path", help="transformers-format LLaVA folder or hub id (e.g. llava-hf/llava-1.5-7b-hf "
