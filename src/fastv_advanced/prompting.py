@@ -68,12 +68,24 @@ def build_prompt(question: str, has_image: bool, single_pred_prompt: bool, conv_
 def tokenize_with_image(prompt: str, tokenizer, image_token_id: int, num_image_tokens: int) -> list[int]:
     """Token ids of `prompt` with each `<image>` replaced by `num_image_tokens` copies of `image_token_id`.
 
-    Chunks around `<image>` are tokenized separately (BOS only on the first chunk), as the original LLaVA does.
+    Chunks around `<image>` are tokenized separately (BOS only on the first chunk), as the original LLaVA does. Each
+    chunk gets the ids the original slow sentencepiece tokenizer gave it, `sp.encode(chunk)`, which adds the dummy
+    prefix `▁` to every non-empty chunk: a chunk starting with a newline begins `▁ <0x0A>`, one starting with a
+    space begins `▁▁`. transformers 5.x's Llama tokenizer (Metaspace, prepend_scheme="first") adds no prefix when
+    the text already starts with a space or `▁` (" x" gives the ids of "x"); for such a tokenizer those chunks get
+    the `▁` prepended here.
     """
     chunks = prompt.split(IMAGE_PLACEHOLDER)
+    leading_space = (" ", "▁")
+    skips_prefix = False
+    if any(chunk.startswith(leading_space) for chunk in chunks):
+        plain = tokenizer("x", add_special_tokens=False).input_ids
+        spaced = tokenizer(" x", add_special_tokens=False).input_ids
+        skips_prefix = bool(plain) and plain == spaced and tokenizer.convert_ids_to_tokens(plain)[0].startswith("▁")
     ids: list[int] = []
     for index, chunk in enumerate(chunks):
-        chunk_ids = tokenizer(chunk, add_special_tokens=True).input_ids if chunk or index == 0 else []
+        text = "▁" + chunk if skips_prefix and chunk.startswith(leading_space) else chunk
+        chunk_ids = tokenizer(text, add_special_tokens=True).input_ids if chunk or index == 0 else []
         if index > 0:
             if chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
                 chunk_ids = chunk_ids[1:]
