@@ -28,6 +28,18 @@ WRAPPER = REPO_ROOT / "src" / "HiMAP" / "inference" / "eval_scivqa.py"
 GUIDE_KEYS = {"accuracy", "avg_latency", "total_samples", "correct_samples", "flops_info", "model_config"}
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs use one thread: the tiny model gains nothing from more, and on a shared 2-core machine
+    OpenMP threads spinning against other jobs make each step up to 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hand_layer_flops(n: int, d: int = 64, m: int = 128, q: int = 64, kv: int = 32) -> int:
     """One tiny-model decoder layer by hand: q/o (d x q), k/v (d x kv) projections, QK^T and AV, SwiGLU FFN."""
     return 2 * (n * d * q * 2 + n * d * kv * 2 + 2 * n * n * q + 3 * n * d * m)
@@ -214,6 +226,9 @@ def test_a_result_of_another_configuration_is_never_overwritten(tiny_model_dir, 
     err = capsys.readouterr().err
     assert "different configuration" in err and "max_new_tokens: 3 there, 4 now" in err and "--overwrite" in err
     assert result_file.read_text() == before
+    # A chunk of another configuration would be merged into that name: refused before it runs.
+    assert cli(*args, "--max-new-tokens", "4", "--num-chunks", "2", "--chunk-idx", "0") == 1
+    assert not list(out.glob("*.chunk*"))
     # Re-running the same configuration resumes (nothing to do) and keeps the samples.
     assert cli(*args) == 0
     assert "2 of 2 samples already done" in capsys.readouterr().out

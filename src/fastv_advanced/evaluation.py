@@ -561,7 +561,7 @@ def evaluate(
     fingerprint = fingerprint_of(config)
     result_path = output_dir / result_file_name(run_config)
     jsonl_path = output_dir / samples_file_name(run_config, num_chunks, chunk_idx)
-    if write_result and num_chunks == 1:
+    if write_result:  # a chunk's result file is written by the merge, under the same name: refuse early too
         check_result_file(result_path, config, overwrite)
     shape = DecoderShape.from_text_config(model.config.text_config)
     header = {
@@ -754,6 +754,16 @@ def merge_chunks(
     result_path = output_dir / first["result_name"]
     jsonl_path = result_path.with_suffix(".jsonl")
     check_result_file(result_path, first["config"], overwrite)
+    if jsonl_path.exists() and not overwrite:
+        try:
+            existing, _ = SampleJournal.read(jsonl_path)
+        except ValueError:
+            existing = {}
+        if existing.get("fingerprint") != first["fingerprint"]:
+            raise ConfigurationMismatch(
+                f"{jsonl_path} holds per-sample results of a different configuration; pass --overwrite to replace "
+                "it, or --output-dir to merge elsewhere"
+            )
     run = first["config"]["run"]
     run_config = RunConfig(
         fastv=FastVConfig(**run["fastv"]) if run["fastv"] is not None else None,

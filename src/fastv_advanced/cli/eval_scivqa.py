@@ -233,7 +233,7 @@ def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folde
         "Dry run: nothing is evaluated.",
         f"  CUDA available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
-        f"  device {device}, dtype {dtype}",
+        f"  device {device}, dtype {str(dtype).replace('torch.', '')}",
         f"  model: {spec.path} ({spec.format} format, {spec.num_layers} decoder layers, "
         f"{spec.num_image_tokens} image tokens per image)",
         f"  questions: {questions.path} ({questions.format} format"
