@@ -1,0 +1,107 @@
+"""The prefill benchmark's smallest mode end to end, and its mask-mode / eager-FastV baselines against the drop."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastv_advanced import FastVConfig, apply_fastv
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_prefill  # noqa: E402
+from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    preset = bench_prefill.PRESETS["tiny"]
+    device, dtype = torch.device("cpu"), torch.float32
+    model = bench_prefill.build_model(preset, device, dtype, seed=0)
+    inputs = bench_prefill.build_inputs(model, preset, device, dtype, batch=2, seed=1)
+    return model, inputs
+
+
+def test_cli_smoke_writes_complete_result(tmp_path, capsys):
+    returned = bench_prefill.main(["--preset", "tiny", "--smoke", "--out", str(tmp_path)])
+    assert "| mode | K | R |" in capsys.readouterr().out
+    [path] = tmp_path.glob("bench_prefill_tiny_smoke_cpu_*.json")
+    assert path.with_suffix(".md").exists()
+    result = json.loads(path.read_text())
+    assert result["rows"] == json.loads(json.dumps(returned["rows"]))
+
+    meta = result["meta"]
+    for key in ("device_name", "torch", "transformers", "date", "command", "threads", "load_before", "elapsed_s"):
+        assert meta[key] is not None, key
+    assert meta["n_image"] == 64 and meta["prefill_rounds"] == 1
+
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"baseline", "eager_baseline"} | {
+        f"{mode}/K2/R{rank}" for mode in ("drop", "mask", "eager_fastv") for rank in (64, 32, 0)
+    }
+    for row in rows.values():
+        assert row["prefill_s"] > 0 and row["decoder_s"] > 0 and row["decoder_s"] < row["prefill_s"]
+        assert row["prefill_speedup"] > 0 and 0 < row["flops_ratio"] <= 1
+    assert rows["baseline"]["prefill_speedup"] == 1.0
+    assert rows["drop/K2/R32"]["tokens_after_k"] == meta["n_tokens"] - 32
+    assert rows["mask/K2/R32"]["tokens_after_k"] == meta["n_tokens"]  # mask mode removes nothing
+    assert rows["drop/K2/R64"]["flops_ratio"] == 1.0 and rows["drop/K2/R0"]["flops_ratio"] < 1.0
+    # end-to-end and memory on the subset (K=2, R=32 in smoke mode) and the references
+    for key in ("baseline", "drop/K2/R32", "mask/K2/R32", "eager_fastv/K2/R32"):
+        assert rows[key]["e2e_1_s"] > 0 and rows[key]["e2e_4_s"] > rows[key]["e2e_1_s"] * 0.5
+        assert rows[key]["generate_4_peak_extra_bytes"] is not None
+    assert "e2e_1_s" not in rows["drop/K2/R0"]
+
+    assert {s["rank"] for s in result["selection"]} == {64, 32, 0}
+    assert all(0 < s["share_of_prefill"] < 1 for s in result["selection"])
+    assert [m["seq_len"] for m in result["selection_memory"]] == [meta["n_tokens"] * f for f in (1, 2, 4, 8)]
+    assert {"K2_R288", "selection_share_met", "selection_memory_growth_exponent"} <= set(result["targets"])
+
+    for check in result["checks"]:
+        assert check["mask_same_kept_positions"] and check["eager_fastv_same_kept_positions"]
+        assert check["mask_vs_drop_max_abs_logit_diff"] < 1e-4
+        assert check["eager_fastv_vs_drop_max_abs_logit_diff"] < 1e-4
+
+
+def _last_logits_and_kept(model, inputs, context):
+    with context as fastv, torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+    return logits, fastv.last_selection.kept_positions
+
+
+@pytest.mark.parametrize("agg_layer,rank", [(1, 20), (2, 32), (3, 0)])
+def test_mask_mode_and_eager_fastv_match_physical_drop(tiny, agg_layer, rank):
+    model, inputs = tiny
+    config = FastVConfig(agg_layer=agg_layer, attention_rank=rank)
+    with torch.no_grad():
+        unpruned = model(**inputs).logits[:, -1]
+    drop, kept = _last_logits_and_kept(model, inputs, apply_fastv(model, config))
+    mask, mask_kept = _last_logits_and_kept(model, inputs, MaskModeFastV(model, config))
+    eager, eager_kept = _last_logits_and_kept(model, inputs, EagerFastV(model, config))
+
+    assert kept.shape == (2, inputs["input_ids"].shape[1] - (64 - rank))
+    assert torch.equal(mask_kept, kept) and torch.equal(eager_kept, kept)
+    torch.testing.assert_close(mask, drop, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager, drop, rtol=1e-4, atol=1e-5)
+    assert (drop - unpruned).abs().max() > 1e-3  # pruning changed the answer: the comparison is not vacuous
+    assert model.config.text_config._attn_implementation == "sdpa"  # EagerFastV restored the attention
+
+
+def test_mask_mode_and_eager_fastv_decode_like_physical_drop(tiny):
+    """Decode steps: mask mode keeps masking the dropped prompt tokens; eager FastV's cache holds only kept ones."""
+    model, inputs = tiny
+    config = FastVConfig(agg_layer=2, attention_rank=16)
+    scores = {}
+    for name, make in (("drop", apply_fastv), ("mask", MaskModeFastV), ("eager", EagerFastV)):
+        with make(model, config), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        scores[name] = (out.sequences, torch.stack(out.scores))
+    for name in ("mask", "eager"):
+        assert torch.equal(scores[name][0], scores["drop"][0]), name
+        torch.testing.assert_close(scores[name][1], scores["drop"][1], rtol=1e-4, atol=1e-5)
