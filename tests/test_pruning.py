@@ -193,7 +193,11 @@ def test_text_only_prompt_runs_unpruned(tiny):
     expected = logits(model, inputs)
     with apply_fastv(model, FastVConfig(agg_layer=2, attention_rank=4)) as fastv:
         got = logits(model, inputs)
-    assert fastv.last_selection is None
+        assert fastv.last_selection is None
+        logits(model, make_inputs(processor, PROMPTS[:1]))
+        assert fastv.last_selection is not None
+        logits(model, inputs)  # a new text-only prompt clears the previous image prompt's selection
+        assert fastv.last_selection is None
     torch.testing.assert_close(got, expected)
 
 
@@ -282,6 +286,7 @@ def test_guide_span_mismatch_warns_once(tiny):
     "kwargs,fragment",
     [
         ({"agg_layer": 0}, "agg_layer=0"),
+        ({"agg_layer": True}, "agg_layer=True"),
         ({"weighted_alpha": 1.5}, "weighted_alpha=1.5"),
         ({"weighted_alpha": -0.1}, "[0, 1]"),
         ({"token_selection_method": "best_head"}, "registered: avg_all_heads, "),

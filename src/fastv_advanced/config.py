@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass
 from .strategies import get_strategy
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class FastVConfig:
     """FastV settings, named as in the user's guide.
@@ -33,7 +37,7 @@ class FastVConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.agg_layer, int) or self.agg_layer < 1:
+        if not _is_int(self.agg_layer) or self.agg_layer < 1:
             raise ValueError(
                 f"agg_layer={self.agg_layer!r} is invalid: it must be an integer >= 1 (layer K-1 must exist to score "
                 "the image tokens) and below the number of decoder layers"
@@ -42,7 +46,7 @@ class FastVConfig:
             raise ValueError(
                 f"give attention_rank ({self.attention_rank}) or keep_ratio ({self.keep_ratio}), not both"
             )
-        if self.attention_rank is not None and (not isinstance(self.attention_rank, int) or self.attention_rank < 0):
+        if self.attention_rank is not None and (not _is_int(self.attention_rank) or self.attention_rank < 0):
             raise ValueError(
                 f"attention_rank={self.attention_rank!r} is invalid: it must be an integer in [0, number of image tokens]"
             )
@@ -52,7 +56,7 @@ class FastVConfig:
             raise ValueError(f"weighted_alpha={self.weighted_alpha!r} is outside the allowed range [0, 1]")
         for name in ("sys_length", "image_token_length"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name}={value!r} is invalid: it must be a non-negative integer")
         get_strategy(self.token_selection_method)
 

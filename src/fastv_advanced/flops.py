@@ -15,7 +15,7 @@ class DecoderShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    gated_mlp: bool = True  # Llama's SwiGLU has three FFN matrices, a plain MLP two
+    gated_mlp: bool = True  # Llama's SwiGLU has three FFN matrices, a plain two-matrix MLP two
 
     @classmethod
     def from_text_config(cls, config) -> "DecoderShape":
@@ -29,7 +29,7 @@ class DecoderShape:
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
-            gated_mlp=getattr(config, "hidden_act", "silu") in ("silu", "swish"),
+            gated_mlp=True,  # LLaVA's decoders (Llama, Vicuna, Mistral) all use a gated (three-matrix) FFN
         )
 
 

@@ -256,7 +256,11 @@ class FastVPruner:
         is_image = input_ids == self.image_token_id  # [batch, S]
         counts = is_image.sum(dim=1)
         if int(counts.max()) == 0:
-            return None  # a decode step or a text-only prompt
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None or cache.get_seq_length() == 0:  # a new text-only prompt, not a decode step
+                self.last_selection = None
+                self._kept_positions = None
+            return None
         if bool((counts != counts[0]).any()):
             raise ValueError(
                 f"every row of a batch must hold the same number of image tokens to prune; got {counts.tolist()}"
