@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -36,7 +37,7 @@ class UsageError(ValueError):
     """A flag, file or model problem found before evaluation (exit status 2)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only where it says something (not None/False, not already in the help)."""
 
     def _get_help_string(self, action):
@@ -45,14 +46,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eval_scivqa.py",
-        description="Evaluate a LLaVA-1.5 model on ScienceQA (LLaVA's protocol), optionally with FastV visual-token "
-        "pruning, and write scienceqa_results_<config>.json + a per-sample .jsonl to --output-dir. Re-running "
-        f"the same command resumes. Set {ENV_VAR}=1 to use the embedded tiny model and sample data.",
-        formatter_class=_HelpFormatter,
-    )
+def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """`--model-path --model-base --question-file --image-folder --split --num-samples` (shared with the sweep)."""
     data = parser.add_argument_group("model and data")
     data.add_argument("--model-path", help="transformers-format LLaVA folder or hub id (e.g. llava-hf/llava-1.5-7b-hf "
                       "in the local cache), or an original-format checkpoint folder (liuhaotian layout)")
@@ -66,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "default test); not for LLaVA question files")
     data.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N questions "
                       "(default: all)")
+    return data
 
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Prompt and generation flags (shared with the sweep)."""
     prompt = parser.add_argument_group("prompt and generation (LLaVA-1.5 protocol)")
     prompt.add_argument("--single-pred-prompt", action="store_true", help="append \"Answer with the option's letter "
                         "from the given choices directly.\" (LLaVA-1.5's ScienceQA setting)")
@@ -79,33 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--max-new-tokens", type=int, default=16, help="maximum tokens generated per answer")
     prompt.add_argument("--seed", type=int, default=0, help="seed of the random-token control and of sampling "
                         "(mixed with each question id)")
+    return prompt
 
-    fastv = parser.add_argument_group("FastV")
-    fastv.add_argument("--use-fast-v", action="store_true", help="enable FastV (needs --fast-v-attention-rank and "
-                       "--fast-v-agg-layer)")
-    fastv.add_argument("--fast-v-sys-length", type=int, default=None, help="expected position of the first image "
+
+def add_fastv_span_arguments(group: argparse._ArgumentGroup) -> None:
+    """The guide's expected image span, `--fast-v-sys-length` and `--fast-v-image-token-length` (shared)."""
+    group.add_argument("--fast-v-sys-length", type=int, default=None, help="expected position of the first image "
                        "token (35 for LLaVA-1.5); checked against the input, which decides")
-    fastv.add_argument("--fast-v-image-token-length", type=int, default=None, help="expected number of image tokens "
+    group.add_argument("--fast-v-image-token-length", type=int, default=None, help="expected number of image tokens "
                        "(576 for LLaVA-1.5); checked against the input, which decides")
-    fastv.add_argument("--fast-v-attention-rank", type=int, default=None, help="R: image tokens kept after layer K "
-                       "(288 = 50%% of 576)")
-    fastv.add_argument("--fast-v-agg-layer", type=int, default=None, help="K: layer from which tokens are dropped; "
-                       "layer K-1's attention chooses them (1 <= K < number of layers)")
-    fastv.add_argument("--fast-v-token-selection-method", default="avg_all_heads", help="token-selection strategy: "
-                       f"{', '.join(available_strategies())}, or package.module:function")
-    fastv.add_argument("--fast-v-weighted-alpha", type=float, default=0.5, help="alpha of weighted_combination, in "
-                       "[0, 1]: alpha*A[max head] + (1-alpha)*mean(other heads)")
 
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = True) -> argparse._ArgumentGroup:
+    """Output, device and run-control flags; `single_run` adds the ones only a single run has (answers file,
+    chunks)."""
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=".", help="where the result JSON and the per-sample JSONL are written")
-    run.add_argument("--answers-file", default=None, help="also write LLaVA's answers JSONL here (for LLaVA's own "
-                     "eval_science_qa.py)")
+    if single_run:
+        run.add_argument("--answers-file", default=None, help="also write LLaVA's answers JSONL here (for LLaVA's "
+                         "own eval_science_qa.py)")
     run.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     run.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                      help="model dtype; auto = float16 on GPU, float32 on CPU")
-    run.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many contiguous "
-                     "chunks (merge them with fastv-merge-chunks)")
-    run.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process evaluates (0-based)")
+    if single_run:
+        run.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many contiguous "
+                         "chunks (merge them with fastv-merge-chunks)")
+        run.add_argument("--chunk-idx", type=int, default=0, help="which chunk this process evaluates (0-based)")
     run.add_argument("--overwrite", action="store_true", help="start over: replace the existing JSONL and result "
                      "file of this configuration (by default a re-run resumes, and files of another configuration "
                      "are never overwritten)")
@@ -117,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="check CUDA, the model path, the data files and images "
                      "and the flags, print what the run would do, and exit without evaluating")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eval_scivqa.py",
+        description="Evaluate a LLaVA-1.5 model on ScienceQA (LLaVA's protocol), optionally with FastV visual-token "
+        "pruning, and write scienceqa_results_<config>.json + a per-sample .jsonl to --output-dir. Re-running "
+        f"the same command resumes. Set {ENV_VAR}=1 to use the embedded tiny model and sample data.",
+        formatter_class=HelpFormatter,
+    )
+    add_data_arguments(parser)
+    add_prompt_arguments(parser)
+
+    fastv = parser.add_argument_group("FastV")
+    fastv.add_argument("--use-fast-v", action="store_true", help="enable FastV (needs --fast-v-attention-rank and "
+                       "--fast-v-agg-layer)")
+    add_fastv_span_arguments(fastv)
+    fastv.add_argument("--fast-v-attention-rank", type=int, default=None, help="R: image tokens kept after layer K "
+                       "(288 = 50%% of 576)")
+    fastv.add_argument("--fast-v-agg-layer", type=int, default=None, help="K: layer from which tokens are dropped; "
+                       "layer K-1's attention chooses them (1 <= K < number of layers)")
+    fastv.add_argument("--fast-v-token-selection-method", default="avg_all_heads", help="token-selection strategy: "
+                       f"{', '.join(available_strategies())}, or package.module:function")
+    fastv.add_argument("--fast-v-weighted-alpha", type=float, default=0.5, help="alpha of weighted_combination, in "
+                       "[0, 1]: alpha*A[max head] + (1-alpha)*mean(other heads)")
+
+    add_run_arguments(parser, single_run=True)
     return parser
 
 
@@ -140,24 +166,41 @@ def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tup
                 f"--fast-v-weighted-alpha {args.fast_v_weighted_alpha} is ignored by "
                 f"--fast-v-token-selection-method {args.fast_v_token_selection_method}"
             )
-        try:
-            fastv = FastVConfig(
-                agg_layer=args.fast_v_agg_layer,
-                attention_rank=args.fast_v_attention_rank,
-                token_selection_method=args.fast_v_token_selection_method,
-                weighted_alpha=args.fast_v_weighted_alpha,
-                sys_length=args.fast_v_sys_length,
-                image_token_length=args.fast_v_image_token_length,
-                seed=args.seed,
-            )
-        except ValueError as exc:
-            raise UsageError(_flag_names(str(exc))) from exc
+        fastv = fastv_config_from_args(
+            args, args.fast_v_agg_layer, args.fast_v_attention_rank, args.fast_v_token_selection_method,
+            args.fast_v_weighted_alpha,
+        )
     else:
         given = [f"--{f.replace('_', '-')}" for f in FASTV_VALUE_FLAGS if getattr(args, f) != parser_defaults[f]]
         if given:
             notes.append(f"{', '.join(given)} given without --use-fast-v: they are ignored, this is a baseline run")
+    return run_config_with(args, fastv), notes
+
+
+def fastv_config_from_args(
+    args: argparse.Namespace, agg_layer: int, attention_rank: int, method: str, alpha: float,
+    flag_names: dict[str, str] | None = None,
+) -> FastVConfig:
+    """A `FastVConfig` with the span flags and seed of `args`; `UsageError` naming the flag when a value is bad
+    (`flag_names` maps config fields to the flags that gave them, e.g. the sweep's `--ranks`)."""
     try:
-        run_config = ev.RunConfig(
+        return FastVConfig(
+            agg_layer=agg_layer,
+            attention_rank=attention_rank,
+            token_selection_method=method,
+            weighted_alpha=alpha,
+            sys_length=args.fast_v_sys_length,
+            image_token_length=args.fast_v_image_token_length,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise UsageError(_flag_names(str(exc), flag_names)) from exc
+
+
+def run_config_with(args: argparse.Namespace, fastv: FastVConfig | None) -> ev.RunConfig:
+    """The `RunConfig` of the prompt/generation flags of `args` with `fastv` (None = baseline)."""
+    try:
+        return ev.RunConfig(
             fastv=fastv,
             conv_mode=args.conv_mode,
             single_pred_prompt=args.single_pred_prompt,
@@ -168,7 +211,6 @@ def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tup
         )
     except ValueError as exc:
         raise UsageError(_flag_names(str(exc))) from exc
-    return run_config, notes
 
 
 _FLAG_OF_FIELD = {
@@ -184,9 +226,9 @@ _FLAG_OF_FIELD = {
 }
 
 
-def _flag_names(message: str) -> str:
+def _flag_names(message: str, flag_names: dict[str, str] | None = None) -> str:
     """Config field names in a message -> the command-line flags users typed."""
-    for field, flag in _FLAG_OF_FIELD.items():
+    for field, flag in {**_FLAG_OF_FIELD, **(flag_names or {})}.items():
         message = message.replace(f"{field}=", f"{flag} ").replace(f"{field} ", f"{flag} ")
     return message
 
@@ -194,11 +236,11 @@ def _flag_names(message: str) -> str:
 def check_general_flags(args: argparse.Namespace) -> None:
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples {args.num_samples} must be >= 1 (leave it out for all questions)")
-    if args.num_chunks < 1:
-        raise UsageError(f"--num-chunks {args.num_chunks} must be >= 1")
-    if not 0 <= args.chunk_idx < args.num_chunks:
-        raise UsageError(f"--chunk-idx {args.chunk_idx} must be in [0, {args.num_chunks - 1}] for --num-chunks "
-                         f"{args.num_chunks}")
+    num_chunks, chunk_idx = getattr(args, "num_chunks", 1), getattr(args, "chunk_idx", 0)
+    if num_chunks < 1:
+        raise UsageError(f"--num-chunks {num_chunks} must be >= 1")
+    if not 0 <= chunk_idx < num_chunks:
+        raise UsageError(f"--chunk-idx {chunk_idx} must be in [0, {num_chunks - 1}] for --num-chunks {num_chunks}")
     if args.model_path is None:
         raise UsageError(f"--model-path is required (or set {ENV_VAR}=1 for the embedded tiny model)")
     if args.question_file is None:
@@ -226,11 +268,10 @@ def prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | None
     return questions, image_folder, problems
 
 
-def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folder, spec: ev.ModelSpec, device,
-             dtype, shards: int, problems: list[str]) -> str:
-    fastv = run_config.fastv
-    lines = [
-        "Dry run: nothing is evaluated.",
+def describe_inputs(questions: QuestionSet, image_folder, spec: ev.ModelSpec, device, dtype,
+                    problems: list[str]) -> list[str]:
+    """Dry-run lines about CUDA, the model, the questions, the images and the problems found (shared)."""
+    return [
         f"  CUDA available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.device_count()} GPUs: {torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
         f"  device {device}, dtype {str(dtype).replace('torch.', '')}",
@@ -242,6 +283,15 @@ def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folde
         f"  images: {image_folder} ({sum(1 for q in questions.questions if q.image)} questions with an image)",
         f"  problems: {len(problems)}" + "".join(f"\n    - {p}" for p in problems[:10])
         + (f"\n    ... and {len(problems) - 10} more" if len(problems) > 10 else ""),
+    ]
+
+
+def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folder, spec: ev.ModelSpec, device,
+             dtype, shards: int, problems: list[str]) -> str:
+    fastv = run_config.fastv
+    lines = [
+        "Dry run: nothing is evaluated.",
+        *describe_inputs(questions, image_folder, spec, device, dtype, problems),
         f"  configuration: {run_config.label}; prompt {run_config.conv_mode}, single-pred-prompt "
         f"{run_config.single_pred_prompt}, images {run_config.image_aspect_ratio}; "
         + ("greedy" if run_config.temperature == 0 else f"temperature {run_config.temperature}")
@@ -298,16 +348,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
+@dataclass
+class Inputs:
+    """What the flags point at, checked before the model loads."""
+
+    questions: QuestionSet
+    image_folder: str | None
+    problems: list[str]  # questions that cannot be evaluated (malformed entries, missing images)
+    spec: ev.ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_paths(args: argparse.Namespace) -> None:
+    """Apply `FASTV_EMBEDDED=1` (printing what it replaces), then check the general flags."""
     args.model_path, args.question_file, args.image_folder, notice = resolve_embedded(
         args.model_path, args.question_file, args.image_folder
     )
     if notice:
         print(notice)
     check_general_flags(args)
-    run_config, notes = run_config_from_args(args, defaults)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+
+
+def prepare_inputs(args: argparse.Namespace) -> Inputs:
+    """Read and check the questions and images, the model path's config, the device and dtype (no weights loaded);
+    `UsageError` for anything that would fail later."""
     questions, image_folder, problems = prepare_questions(args)
     if problems and args.on_error == "fail":
         raise UsageError(f"{len(problems)} bad questions (--on-error fail): " + "; ".join(problems[:5]))
@@ -320,18 +385,41 @@ def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
     if args.model_base is not None and spec.format != "original":
         raise UsageError(f"--model-base applies to original-format checkpoints; {args.model_path} is a complete "
                          "transformers-format checkpoint")
+    return Inputs(questions, image_folder, problems, spec, device, dtype)
+
+
+def fit_to_model(args: argparse.Namespace, run_config: ev.RunConfig, spec: ev.ModelSpec,
+                 flag_names: dict[str, str] | None = None) -> None:
+    """Take the checkpoint's image preprocessing unless `--image-aspect-ratio` was given, and check the FastV
+    settings against the model's layers and image tokens (`UsageError`)."""
     if args.image_aspect_ratio is None and spec.image_aspect_ratio in ("pad", "crop"):
         run_config.image_aspect_ratio = spec.image_aspect_ratio
     inconsistent = ev.check_run(spec.num_layers, spec.num_image_tokens, run_config)
     if inconsistent:
-        raise UsageError("; ".join(inconsistent))
-    for flag, expected in (("--fast-v-image-token-length", run_config.fastv and run_config.fastv.image_token_length),):
-        if expected is not None and spec.num_image_tokens is not None and expected != spec.num_image_tokens:
-            print(f"note: {flag} {expected} but the model makes {spec.num_image_tokens} image tokens per image; the "
-                  "detected count is used", file=sys.stderr)
+        raise UsageError(_flag_names("; ".join(inconsistent), flag_names))
+
+
+def note_input_warnings(run_config: ev.RunConfig, spec: ev.ModelSpec, problems: list[str]) -> None:
+    """Print the notes about a span flag that disagrees with the model and about questions that cannot run."""
+    expected = run_config.fastv and run_config.fastv.image_token_length
+    if expected is not None and spec.num_image_tokens is not None and expected != spec.num_image_tokens:
+        print(f"note: --fast-v-image-token-length {expected} but the model makes {spec.num_image_tokens} image "
+              "tokens per image; the detected count is used", file=sys.stderr)
     if problems:
         print(f"warning: {len(problems)} questions cannot be evaluated and will be recorded as errors (counted "
               f"wrong): {problems[0]}" + (" ..." if len(problems) > 1 else ""), file=sys.stderr)
+
+
+def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
+    resolve_paths(args)
+    run_config, notes = run_config_from_args(args, defaults)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    inputs = prepare_inputs(args)
+    questions, image_folder, problems = inputs.questions, inputs.image_folder, inputs.problems
+    spec, device, dtype = inputs.spec, inputs.device, inputs.dtype
+    fit_to_model(args, run_config, spec)
+    note_input_warnings(run_config, spec, problems)
 
     accelerate_launch = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if accelerate_launch and args.num_chunks > 1:
