@@ -1,0 +1,67 @@
+"""`fastv-compare` (also `python ./src/HiMAP/inference/compare_fastv_results.py`): compare ScienceQA result files.
+
+Reads every `scienceqa_results_*.json` in `--results-dir` (default: the current directory) and prints the guide's
+table with Δ vs. the baseline, prefill speed-up, image tokens kept and the paired significance of each accuracy
+difference; `--plot FILE` also draws accuracy against FLOPs and against prefill latency with the Pareto front.
+Exit status 2 when there is nothing to compare or the runs are on different question sets/models (unless
+`--allow-mixed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import compare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compare_fastv_results.py",
+        description="Compare the ScienceQA results (scienceqa_results_*.json) of a folder: accuracy with Δ vs. the "
+        "baseline, average latency, prefill speed-up, FLOPs ratio, image tokens kept, samples, and per "
+        "configuration the exact McNemar p-value and a bootstrap 95%% interval of Δ (paired by question id, from "
+        "the per-sample .jsonl files).",
+    )
+    parser.add_argument("--results-dir", default=".", help="folder with the result files (default: the current "
+                        "directory)")
+    parser.add_argument("--format", choices=sorted(compare.FORMATTERS), default="table",
+                        help="output written to standard output (default: table, the guide's layout)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw accuracy against the FLOPs ratio "
+                        "and against prefill latency (two panels, Pareto front) into this image")
+    parser.add_argument("--allow-mixed", action="store_true", help="compare runs on different question files or "
+                        "models anyway (refused by default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runs, warnings = compare.load_results(args.results_dir)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not runs:
+        print(f"error: no result files ({compare.RESULT_GLOB}) to compare in {args.results_dir}"
+              + (" (all were skipped, see the warnings above)" if warnings else "")
+              + "; run eval_scivqa.py, fastv-sweep or eval_scivqa_fastv_advanced.sh first, or pass --results-dir",
+              file=sys.stderr)
+        return 2
+    try:
+        comparison = compare.build_comparison(runs, allow_mixed=args.allow_mixed, results_dir=args.results_dir)
+    except compare.MixedRuns as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for warning in comparison.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(compare.FORMATTERS[args.format](comparison))
+    if args.plot:
+        try:
+            path = compare.plot_comparison(comparison, args.plot)
+        except (RuntimeError, OSError) as exc:
+            print(f"error: cannot draw {args.plot}: {exc}", file=sys.stderr)
+            return 1
+        print(f"plot written to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,573 @@
+"""Comparing ScienceQA result files: the guide's table, speed-ups, paired significance, and a Pareto plot.
+
+Reporting only (no model code). It reads every `scienceqa_results_*.json` in a folder plus, for significance, the
+per-sample JSONL each one names (`samples_file`).
+
+- `load_results(folder)` -> `(runs, warnings)`: readable, complete results; unreadable, foreign or partial files are
+  left out with a warning that names them.
+- `build_comparison(runs, allow_mixed=False)` -> `Comparison`: one `Row` per run, the baseline first, then by
+  method (the guide's order: max_head, avg_all_heads, weighted_combination, random, others by name), alpha, rank,
+  K. Against the baseline: Δ accuracy, prefill speed-up (baseline mean prefill / the run's), and the paired
+  significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval). `MixedRuns` when
+  the runs used different question files (sha256) or models, unless `allow_mixed`.
+- `format_table` (the guide's layout), `format_markdown`, `format_csv`, `format_json`.
+- `plot_comparison(comparison, path)`: accuracy against FLOPs ratio and against prefill latency, the Pareto front.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .statistics import bootstrap_delta_interval, mcnemar_exact
+
+RESULT_GLOB = "scienceqa_results_*.json"
+GUIDE_RANK, GUIDE_AGG_LAYER = 288, 2
+METHOD_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")
+BOOTSTRAP_RESAMPLES = 10000
+SIGNIFICANCE_LEVEL = 0.05
+TITLE = "FastV Advanced 结果比较"
+REQUIRED_KEYS = ("accuracy", "total_samples", "correct_samples", "model_config", "question_file", "latency",
+                 "flops_info", "tokens")
+
+
+class MixedRuns(ValueError):
+    """The results come from different question sets or models (refused unless `allow_mixed`)."""
+
+
+# -- reading --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One result file, and the per-question correctness of its JSONL (None when that cannot be read)."""
+
+    path: Path
+    data: dict
+    correct: dict[str, bool] | None = None
+
+    @property
+    def config(self) -> dict:
+        return self.data["model_config"]
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.config.get("use_fast_v")
+
+    @property
+    def method(self) -> str | None:
+        return None if self.is_baseline else self.config.get("fast_v_token_selection_method")
+
+    @property
+    def alpha(self) -> float | None:
+        return self.config.get("fast_v_weighted_alpha") if self.method == "weighted_combination" else None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.is_baseline else self.config.get("fast_v_attention_rank")
+
+    @property
+    def keep_ratio(self) -> float | None:
+        return None if self.is_baseline else self.config.get("fast_v_keep_ratio")
+
+    @property
+    def agg_layer(self) -> int | None:
+        return None if self.is_baseline else self.config.get("fast_v_agg_layer")
+
+    @property
+    def question_sha(self) -> str | None:
+        return (self.data.get("question_file") or {}).get("sha256")
+
+    @property
+    def model(self) -> tuple:
+        return (self.config.get("model_path"), self.config.get("model_base"))
+
+    @property
+    def label(self) -> str:
+        """The guide's strategy names: `Baseline`, `FastV - max_head`, `FastV - weighted α=0.3`, plus `(R=144, K=2)`
+        when R or K is not the guide's 288 / 2."""
+        if self.is_baseline:
+            return "Baseline"
+        method = self.method or "?"
+        name = f"weighted α={self.alpha:g}" if self.alpha is not None else method
+        budget = f"R={self.rank}" if self.rank is not None else f"ratio={0.5 if self.keep_ratio is None else self.keep_ratio:g}"
+        suffix = "" if (self.rank == GUIDE_RANK and self.agg_layer == GUIDE_AGG_LAYER) else f" ({budget}, K={self.agg_layer})"
+        return f"FastV - {name}{suffix}"
+
+    @property
+    def short_label(self) -> str:
+        """A compact label for plots: `max_head`, `weighted α=0.3`, `avg_all_heads R=144 K=1`."""
+        if self.is_baseline:
+            return "Baseline"
+        return self.label.removeprefix("FastV - ").replace(" (", " ").replace(", ", " ").rstrip(")")
+
+    def sort_key(self) -> tuple:
+        method = self.method or ""
+        position = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return (
+            0 if self.is_baseline else 1, position, method,
+            -1.0 if self.alpha is None else float(self.alpha),
+            math.inf if self.rank is None else self.rank,
+            math.inf if self.keep_ratio is None else self.keep_ratio,
+            math.inf if self.agg_layer is None else self.agg_layer,
+            self.path.name,
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_result(path: Path) -> tuple[Run | None, str | None]:
+    """(run, None) for a complete result file; (None, reason) when it is unreadable, foreign or partial."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot be read ({exc})"
+    except json.JSONDecodeError as exc:
+        return None, f"is not valid JSON ({exc.msg} at line {exc.lineno}; a partial write?)"
+    if not isinstance(data, dict):
+        return None, "is not a result file (not a JSON object)"
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        return None, f"is not a fastv_advanced result file (missing {', '.join(missing)})"
+    if not _is_number(data["accuracy"]) or not isinstance(data["model_config"], dict):
+        return None, "is not a fastv_advanced result file (accuracy/model_config have the wrong type)"
+    if data.get("complete") is False:
+        return None, (f"is partial ({data['total_samples']} samples, complete: false); finish the run (re-run its "
+                      "command) to include it")
+    return Run(path, data), None
+
+
+def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
+    """Per-question correctness (question id -> correct) of the run's JSONL, limited to the run's selection."""
+    name = run.data.get("samples_file") or run.path.with_suffix(".jsonl").name
+    path = run.path.parent / name
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"per-sample file {path} cannot be read ({exc.strerror or exc})"
+    lines = raw.split(b"\n")[:-1]  # a torn last line is the sample in flight of a killed run
+    header, records = None, {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            return None, f"per-sample file {path}:{number} is not valid JSON"
+        if header is None:
+            if not isinstance(item, dict) or item.get("type") != "header":
+                return None, f"per-sample file {path} has no header line"
+            header = item
+        elif isinstance(item, dict) and "id" in item:
+            records[str(item["id"])] = bool(item.get("correct"))
+    if header is None:
+        return None, f"per-sample file {path} is empty"
+    if run.data.get("fingerprint") and header.get("fingerprint") != run.data.get("fingerprint"):
+        return None, f"per-sample file {path} belongs to another configuration than {run.path.name}"
+    ids = (header.get("selection") or {}).get("ids")
+    if ids is not None:
+        records = {qid: records[qid] for qid in map(str, ids) if qid in records}
+    if len(records) != run.data["total_samples"]:
+        return None, (f"per-sample file {path} has {len(records)} samples, {run.path.name} counts "
+                      f"{run.data['total_samples']}")
+    return records, None
+
+
+def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[str]]:
+    """Every readable, complete `scienceqa_results_*.json` in `results_dir` with its per-sample correctness, and
+    warnings naming what was skipped."""
+    runs, warnings = [], []
+    for path in sorted(Path(results_dir).glob(RESULT_GLOB)):
+        if not path.is_file():
+            continue
+        run, problem = read_result(path)
+        if run is None:
+            warnings.append(f"skipping {path}: it {problem}")
+            continue
+        run.correct, problem = read_correctness(run)
+        if problem:
+            warnings.append(f"{problem}: significance of {path.name} is n/a")
+        runs.append(run)
+    return runs, warnings
+
+
+# -- the comparison -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the comparison (None = not available)."""
+
+    file: str
+    strategy: str
+    baseline: bool
+    method: str | None
+    alpha: float | None
+    rank: int | None
+    agg_layer: int | None
+    keep_ratio: float | None
+    accuracy: float
+    correct: int
+    samples: int
+    errors: int
+    delta: float | None
+    avg_latency_s: float | None
+    prefill_mean_s: float | None
+    prefill_speedup: float | None
+    generate_speedup: float | None
+    flops_ratio: float | None
+    image_tokens: float | None
+    kept_image_tokens: float | None
+    paired_samples: int | None = None
+    mcnemar_b: int | None = None  # questions only the baseline answers correctly
+    mcnemar_c: int | None = None  # questions only this run answers correctly
+    p_value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    short_label: str = ""
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value is not None and self.p_value < SIGNIFICANCE_LEVEL
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        del data["short_label"]
+        return data
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    results_dir: str
+    baseline: str | None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    question_files: list[dict] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    standard_error: float | None = None  # of the baseline's accuracy (binomial), as a fraction
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if not _is_number(numerator) or not _is_number(denominator) or denominator <= 0 or numerator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _groups(runs: list[Run], key) -> dict:
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run.path.name)
+    return groups
+
+
+def _describe_groups(groups: dict, show) -> str:
+    return "; ".join(f"{show(key)}: {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                     for key, names in groups.items())
+
+
+SETTING_KEYS = ("conv_mode", "single_pred_prompt", "max_new_tokens", "temperature", "image_aspect_ratio", "dtype",
+                "device")
+
+
+def build_comparison(runs: list[Run], *, allow_mixed: bool = False, results_dir: str = ".",
+                     warnings: list[str] | None = None) -> Comparison:
+    """Rows against the baseline; `MixedRuns` for different question sets or models unless `allow_mixed`."""
+    warnings = list(warnings or [])
+    notes: list[str] = []
+    runs = sorted(runs, key=Run.sort_key)
+    question_groups = _groups(runs, lambda r: r.question_sha)
+    model_groups = _groups(runs, lambda r: r.model)
+    mixed = []
+    if len(question_groups) > 1:
+        mixed.append("different question sets (question file sha256 " + _describe_groups(
+            question_groups, lambda sha: (sha or "unknown")[:12]) + ")")
+    if len(model_groups) > 1:
+        mixed.append("different models (" + _describe_groups(
+            model_groups, lambda m: m[0] + (f" + base {m[1]}" if m[1] else "")) + ")")
+    if mixed and not allow_mixed:
+        raise MixedRuns(
+            f"refusing to compare runs on {' and '.join(mixed)}. Compare each group in its own folder, or pass "
+            "--allow-mixed to show them together anyway."
+        )
+    if mixed:
+        warnings.append("comparing runs on " + " and ".join(mixed) + " (--allow-mixed)")
+    for key in SETTING_KEYS:
+        values = _groups(runs, lambda r: json.dumps(r.config.get(key)))
+        if len(values) > 1:
+            warnings.append(f"the runs differ in {key}: " + _describe_groups(values, lambda v: v))
+
+    baselines = [r for r in runs if r.is_baseline]
+    baseline = None
+    if baselines:
+        named = [r for r in baselines if r.path.name == "scienceqa_results_baseline.json"]
+        baseline = named[0] if named else baselines[0]
+        if len(baselines) > 1:
+            warnings.append(f"{len(baselines)} baseline results; comparing against {baseline.path.name}")
+        runs = [baseline] + [r for r in runs if r is not baseline]
+    else:
+        notes.append(f"no baseline result (scienceqa_results_baseline.json) in {results_dir}: Δ, speed-up and "
+                     "significance need one (fastv-sweep evaluates it unless --no-baseline)")
+
+    rows = [_row(run, baseline, notes) for run in runs]
+    sample_counts = sorted({r.samples for r in rows})
+    if len(sample_counts) > 1:
+        warnings.append(f"the runs have different sample counts ({', '.join(map(str, sample_counts))}): accuracies "
+                        "are over different questions; significance uses the questions both runs answered")
+    comparison = Comparison(
+        rows, str(results_dir), baseline.path.name if baseline else None, notes, warnings,
+        question_files=[{"sha256": sha, "path": next(r.data["question_file"].get("path") for r in runs
+                                                     if r.question_sha == sha), "results": names}
+                        for sha, names in question_groups.items()],
+        models=[m[0] for m in model_groups],
+    )
+    if baseline is not None and baseline.data["total_samples"]:
+        p, n = baseline.data["accuracy"], baseline.data["total_samples"]
+        comparison.standard_error = math.sqrt(p * (1 - p) / n)
+    return comparison
+
+
+def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
+    data, latency, tokens = run.data, run.data.get("latency") or {}, run.data.get("tokens") or {}
+    row = Row(
+        file=run.path.name, strategy=run.label, baseline=run is baseline, method=run.method, alpha=run.alpha,
+        rank=run.rank, agg_layer=run.agg_layer, keep_ratio=run.keep_ratio, accuracy=float(data["accuracy"]),
+        correct=int(data["correct_samples"]), samples=int(data["total_samples"]), errors=int(data.get("errors") or 0),
+        delta=None, avg_latency_s=data.get("avg_latency"), prefill_mean_s=latency.get("prefill_mean"),
+        prefill_speedup=None, generate_speedup=None, flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"),
+        image_tokens=tokens.get("avg_image_tokens"), kept_image_tokens=tokens.get("avg_kept_image_tokens"),
+        short_label=run.short_label,
+    )
+    if baseline is None:
+        return row
+    base_latency = baseline.data.get("latency") or {}
+    row.prefill_speedup = _ratio(base_latency.get("prefill_mean"), row.prefill_mean_s)
+    row.generate_speedup = _ratio(base_latency.get("generate_mean"), latency.get("generate_mean"))
+    if run.question_sha != baseline.question_sha:
+        notes.append(f"{row.strategy}: another question set than the baseline, Δ and significance are n/a")
+        return row
+    row.delta = row.accuracy - float(baseline.data["accuracy"])
+    if run is baseline or run.correct is None or baseline.correct is None:
+        return row
+    common = [qid for qid in baseline.correct if qid in run.correct]
+    if not common:
+        notes.append(f"{row.strategy}: no question in common with the baseline, significance is n/a")
+        return row
+    base = [baseline.correct[qid] for qid in common]
+    variant = [run.correct[qid] for qid in common]
+    test = mcnemar_exact(base, variant)
+    row.paired_samples, row.mcnemar_b, row.mcnemar_c, row.p_value = len(common), test["b"], test["c"], test["p_value"]
+    row.ci_low, row.ci_high = bootstrap_delta_interval(base, variant, resamples=BOOTSTRAP_RESAMPLES, seed=0)
+    if len(common) != row.samples or len(common) != baseline.data["total_samples"]:
+        notes.append(f"{row.strategy}: significance over the {len(common)} questions both it and the baseline "
+                     "answered")
+    return row
+
+
+# -- formatting -----------------------------------------------------------------------------------------------------
+
+NA = "n/a"
+
+
+def _fmt(value, spec: str) -> str:
+    return NA if value is None else format(value, spec)
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return NA
+    text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return text + (" *" if p < SIGNIFICANCE_LEVEL else "")
+
+
+def _fmt_tokens(row: Row) -> str:
+    if row.image_tokens is None:
+        return NA
+
+    def number(x: float) -> str:
+        return f"{x:.0f}" if abs(x - round(x)) < 1e-9 else f"{x:.1f}"
+
+    kept = row.kept_image_tokens if row.kept_image_tokens is not None else row.image_tokens
+    return f"{number(kept)}/{number(row.image_tokens)}"
+
+
+def _cells(row: Row, has_baseline: bool) -> dict[str, str]:
+    """The displayed values of a row, by column key."""
+    if row.baseline:
+        accuracy = f"{row.accuracy:.4f}"
+    else:
+        accuracy = f"{row.accuracy:.4f} ({_fmt(row.delta, '+.4f')})" if has_baseline or row.delta is not None else \
+            f"{row.accuracy:.4f} ({NA})"
+    dash = "-"
+    return {
+        "strategy": row.strategy,
+        "accuracy": accuracy,
+        "delta": dash if row.baseline else _fmt(row.delta, "+.4f"),
+        "latency": _fmt(row.avg_latency_s, ".6f"),
+        "prefill": _fmt(row.prefill_mean_s, ".6f"),
+        "speedup": NA if row.prefill_speedup is None else f"{row.prefill_speedup:.2f}x",
+        "flops": NA if row.flops_ratio is None else f"{100 * row.flops_ratio:.2f}%",
+        "tokens": _fmt_tokens(row),
+        "samples": str(row.samples),
+        "p": dash if row.baseline else _fmt_p(row.p_value),
+        "ci": dash if row.baseline else (NA if row.ci_low is None else f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]"),
+    }
+
+
+# (key, guide-style header, English header)
+COLUMNS = (
+    ("strategy", "策略", "Strategy"),
+    ("accuracy", "准确率 (Δ)", "Accuracy (Δ)"),
+    ("latency", "平均延迟(s)", "Avg latency (s)"),
+    ("prefill", "预填充(s)", "Prefill (s)"),
+    ("speedup", "预填充加速", "Prefill speed-up"),
+    ("flops", "FLOPs比例", "FLOPs ratio"),
+    ("tokens", "图像token", "Image tokens kept"),
+    ("samples", "样本数", "Samples"),
+    ("p", "McNemar p", "McNemar p"),
+    ("ci", "Δ 95% CI", "Δ 95% CI"),
+)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of `text` (CJK wide/full-width characters take two)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - display_width(text))
+
+
+def explanation(comparison: Comparison) -> list[str]:
+    """What the columns mean and how to read the significance (printed under the table)."""
+    if comparison.baseline is None:
+        return []
+    n = next(r.samples for r in comparison.rows if r.baseline)
+    se = comparison.standard_error
+    if se is not None and se > 0:
+        noise = f"With {n} questions one run's accuracy has a standard error of about ±{100 * se:.1f} points"
+    else:
+        noise = f"With {n} questions one run's accuracy has a standard error of up to ±{50 / math.sqrt(max(n, 1)):.1f} points"
+    return [
+        "Δ: accuracy minus the Baseline's. 预填充加速 (prefill speed-up): the Baseline's mean prefill time (time to "
+        "first token) / this run's. FLOPs比例: theoretical decoder prefill FLOPs relative to the unpruned model. "
+        "图像token: image tokens kept / seen per image.",
+        "McNemar p: exact two-sided McNemar test on per-question correctness, paired with the Baseline by question "
+        f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}.",
+        f"{noise} (about ±1 point on all 2017 ScienceQA-IMG test questions): a difference with p >= "
+        f"{SIGNIFICANCE_LEVEL} cannot be told apart from noise (with few questions the bootstrap CI is too narrow: "
+        "go by p).",
+    ]
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Wrap at spaces so that no line is wider than `width` terminal columns."""
+    lines, current = [], ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and display_width(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    return lines + [current] if current else lines
+
+
+def format_table(comparison: Comparison) -> str:
+    """The guide's layout: a title between '=' rules, a header, the rows between '-' rules, then the notes."""
+    has_baseline = comparison.baseline is not None
+    cells = [_cells(row, has_baseline) for row in comparison.rows]
+    widths = {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
+              for key, header, _ in COLUMNS}
+    total = sum(widths.values())
+    rule = max(total, 100)
+    lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule, ""]
+    lines.append("".join(_pad(header, widths[key]) for key, header, _ in COLUMNS).rstrip())
+    lines.append("-" * rule)
+    for c in cells:
+        lines.append("".join(_pad(c[key], widths[key]) for key, _, _ in COLUMNS).rstrip())
+    lines.append("-" * rule)
+    for note in explanation(comparison) + comparison.notes:
+        lines += _wrap(note, rule)
+    return "\n".join(lines)
+
+
+def format_markdown(comparison: Comparison) -> str:
+    has_baseline = comparison.baseline is not None
+    keys = [key for key, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(english for _, _, english in COLUMNS) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    for row in comparison.rows:
+        cells = _cells(row, has_baseline)
+        lines.append("| " + " | ".join(cells[k].replace("|", "\\|") for k in keys) + " |")
+    notes = explanation(comparison) + comparison.notes
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("file", "strategy", "method", "alpha", "rank", "agg_layer", "keep_ratio", "accuracy", "correct",
+              "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_speedup", "generate_speedup",
+              "flops_ratio", "image_tokens", "kept_image_tokens", "paired_samples", "mcnemar_b", "mcnemar_c",
+              "p_value", "ci_low", "ci_high", "baseline")
+
+
+def format_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in comparison.rows:
+        data = row.to_dict()
+        writer.writerow({key: "" if data[key] is None else data[key] for key in CSV_FIELDS})
+    return buffer.getvalue().rstrip("\n")
+
+
+def format_json(comparison: Comparison) -> str:
+    return json.dumps({
+        "title": "FastV Advanced comparison",
+        "results_dir": comparison.results_dir,
+        "baseline": comparison.baseline,
+        "question_files": comparison.question_files,
+        "models": comparison.models,
+        "baseline_standard_error": comparison.standard_error,
+        "significance": {"test": "exact two-sided McNemar on paired per-question correctness",
+                         "interval": f"paired percentile bootstrap of Δ, {BOOTSTRAP_RESAMPLES} resamples, seed 0",
+                         "level": SIGNIFICANCE_LEVEL},
+        "rows": [row.to_dict() for row in comparison.rows],
+        "notes": comparison.notes,
+        "warnings": comparison.warnings,
+    }, indent=2, ensure_ascii=False)
+
+
+FORMATTERS = {"table": format_table, "markdown": format_markdown, "csv": format_csv, "json": format_json}
+
+
+# -- plot -----------------------------------------------------------------------------------------------------------
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (cost <= and accuracy >=, one of them strictly), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """Two panels, accuracy against the FLOPs ratio and against the mean prefill latency: one labelled point per
+    configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
+    from . import plotting
+
+    return plotting.plot_comparison(comparison, Path(path))

@@ -1,0 +1,217 @@
+"""compare_fastv_results.py / fastv-compare on fixed result files (tests/data/compare, see its README.md).
+
+The McNemar p-values below are computed by hand from the fixtures' per-question correctness.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fastv_advanced import compare
+from fastv_advanced.cli import compare as compare_cli
+from fastv_advanced.statistics import bootstrap_delta_interval
+
+FIXTURES = Path(__file__).parent / "data" / "compare"
+IDS = [str(i) for i in range(1, 11)]
+CORRECT = {  # the fixtures' correct question ids
+    "baseline": {1, 2, 3, 4, 5, 6, 7},
+    "max_head": {1, 2, 3, 4, 8},
+    "avg_all_heads": {1, 2, 3, 4, 5, 6, 7},
+    "alpha0.3": {1, 2},
+    "alpha0.5": set(range(1, 11)),
+    "alpha0.7": {8, 9, 10},
+    "rank144": set(),
+}
+# (strategy label, key into CORRECT, b, c, p by hand, prefill s) in the expected row order
+EXPECTED = [
+    ("Baseline", "baseline", None, None, None, 0.200),
+    ("FastV - max_head (R=144, K=2)", "rank144", 7, 0, 2 / 2**7, 0.100),
+    ("FastV - max_head", "max_head", 3, 1, 2 * (1 + 4) / 2**4, 0.125),
+    ("FastV - avg_all_heads", "avg_all_heads", 0, 0, 1.0, 0.128),
+    ("FastV - weighted α=0.3", "alpha0.3", 5, 0, 2 / 2**5, 0.130),
+    ("FastV - weighted α=0.5", "alpha0.5", 0, 3, 2 / 2**3, 0.131),
+    ("FastV - weighted α=0.7", "alpha0.7", 7, 3, 2 * (1 + 10 + 45 + 120) / 2**10, 0.129),
+]
+
+
+def correctness(key: str) -> list[bool]:
+    return [int(qid) in CORRECT[key] for qid in IDS]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = compare_cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    """A writable copy of the fixtures."""
+    folder = tmp_path / "results"
+    shutil.copytree(FIXTURES, folder)
+    (folder / "README.md").unlink()
+    return folder
+
+
+def test_statistics_in_json_match_hand_computed_values(capsys):
+    code, out, err = run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["baseline"] == "scienceqa_results_baseline.json"
+    rows = report["rows"]
+    assert [r["strategy"] for r in rows] == [e[0] for e in EXPECTED]
+    for row, (label, key, b, c, p, prefill) in zip(rows, EXPECTED):
+        accuracy = len(CORRECT[key]) / 10
+        assert row["accuracy"] == pytest.approx(accuracy)
+        assert row["samples"] == 10
+        assert row["prefill_speedup"] == pytest.approx(0.200 / prefill)
+        assert row["delta"] == pytest.approx(accuracy - 0.7)
+        if key == "baseline":
+            assert row["baseline"] and row["p_value"] is None and row["mcnemar_b"] is None
+            continue
+        assert (row["mcnemar_b"], row["mcnemar_c"], row["paired_samples"]) == (b, c, 10), label
+        assert row["p_value"] == pytest.approx(p), label
+        low, high = bootstrap_delta_interval(correctness("baseline"), correctness(key), resamples=10000, seed=0)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+        assert low <= row["delta"] <= high
+        assert row["kept_image_tokens"] == (144 if key == "rank144" else 288) and row["image_tokens"] == 576
+    assert report["baseline_standard_error"] == pytest.approx((0.7 * 0.3 / 10) ** 0.5)
+
+
+def test_table_has_the_guide_layout_and_the_hand_computed_values(capsys):
+    code, out, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert code == 0
+    lines = out.splitlines()
+    assert set(lines[0]) == {"="} and lines[1].strip() == "FastV Advanced 结果比较" and set(lines[2]) == {"="}
+    header = lines[4]
+    for column in ("策略", "准确率", "平均延迟(s)", "FLOPs比例", "样本数", "预填充加速", "图像token", "McNemar p",
+                   "Δ 95% CI"):
+        assert column in header
+    assert set(lines[5]) == {"-"}
+    rows = lines[6:13]
+    assert [r.split("  ")[0] for r in rows] == [e[0] for e in EXPECTED]
+    assert set(lines[13]) == {"-"}
+    baseline, rank144, max_head = rows[0], rows[1], rows[2]
+    assert "0.7000 " in baseline and "1.00x" in baseline and "100.00%" in baseline and "576/576" in baseline
+    assert "0.5000 (-0.2000)" in max_head and "0.180000" in max_head and "0.125000" in max_head
+    assert "1.60x" in max_head and "60.17%" in max_head and "288/576" in max_head and " 0.625 " in max_head
+    assert "0.016 *" in rank144 and "2.00x" in rank144 and "45.22%" in rank144 and "144/576" in rank144
+    assert "0.7000 (+0.0000)" in rows[3] and " 1.000 " in rows[3] and "[+0.0000, +0.0000]" in rows[3]
+    assert "0.062 " in rows[4] and "*" not in rows[4]  # 0.0625 is not below 0.05
+    notes = "\n".join(lines[14:])
+    assert "McNemar" in notes and "±14.5 points" in notes and "noise" in notes
+
+    # Columns line up in terminal cells (CJK headers count two cells each).
+    def cell_start(line: str, text: str) -> int:
+        return compare.display_width(line[: line.index(text)])
+
+    assert cell_start(header, "平均延迟(s)") == cell_start(max_head, "0.180000") == cell_start(baseline, "0.260000")
+    assert cell_start(header, "样本数") == cell_start(max_head, "10 ") == cell_start(rank144, "10 ")
+
+
+def test_markdown_csv_and_json_formats(capsys):
+    code, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "markdown")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("| Strategy | Accuracy (Δ) |") and lines[1].startswith("|---|---:|")
+    assert [line.split(" | ")[0] for line in lines[2:9]] == [f"| {e[0]}" for e in EXPECTED]
+    assert lines[9] == "" and lines[10].startswith("- Δ: accuracy minus")
+
+    code, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "csv")
+    assert code == 0
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["strategy"] for r in table] == [e[0] for e in EXPECTED]
+    assert table[0]["p_value"] == "" and table[0]["baseline"] == "True"
+    assert float(table[2]["p_value"]) == pytest.approx(0.625) and float(table[2]["flops_ratio"]) == 0.6017
+    assert table[4]["alpha"] == "0.3" and table[1]["rank"] == "144" and table[1]["agg_layer"] == "2"
+
+    code, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")
+    assert code == 0 and len(json.loads(out)["rows"]) == 7
+
+
+def test_mixed_question_sets_and_models_are_refused_unless_allowed(results, capsys):
+    path = results / "scienceqa_results_fastv_max_head.json"
+    data = json.loads(path.read_text())
+    data["question_file"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, "--results-dir", results)
+    assert code == 2 and out == ""
+    assert "refusing to compare runs on different question sets" in err
+    assert "scienceqa_results_fastv_max_head.json" in err and "--allow-mixed" in err
+
+    code, out, err = run_cli(capsys, "--results-dir", results, "--allow-mixed", "--format", "json")
+    assert code == 0 and "different question sets" in err
+    row = next(r for r in json.loads(out)["rows"] if r["strategy"] == "FastV - max_head")
+    assert row["delta"] is None and row["p_value"] is None  # other questions: nothing to pair
+
+    data["question_file"]["sha256"] = json.loads((results / "scienceqa_results_baseline.json").read_text())[
+        "question_file"]["sha256"]
+    data["model_config"]["model_path"] = "/models/llava-1.5-13b-hf"
+    path.write_text(json.dumps(data))
+    code, _, err = run_cli(capsys, "--results-dir", results)
+    assert code == 2 and "different models" in err and "llava-1.5-13b-hf" in err
+
+
+def test_missing_baseline_shows_na_with_a_note(results, capsys):
+    for suffix in (".json", ".jsonl"):
+        (results / f"scienceqa_results_baseline{suffix}").unlink()
+    code, out, _ = run_cli(capsys, "--results-dir", results)
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("FastV - ")]
+    assert len(rows) == 6
+    assert all("(n/a)" in r and r.count("n/a") >= 4 for r in rows)
+    assert "no baseline result (scienceqa_results_baseline.json)" in out
+    code, out, _ = run_cli(capsys, "--results-dir", results, "--format", "json")
+    report = json.loads(out)
+    assert report["baseline"] is None and all(r["prefill_speedup"] is None for r in report["rows"])
+
+
+def test_unreadable_partial_and_foreign_files_are_skipped_with_a_warning(results, capsys):
+    (results / "scienceqa_results_torn.json").write_text('{"accuracy": 0.5, "total_')
+    partial = json.loads((results / "scienceqa_results_fastv_max_head.json").read_text())
+    partial.update(complete=False, total_samples=4)
+    (results / "scienceqa_results_fastv_random.json").write_text(json.dumps(partial))
+    (results / "scienceqa_results_notes.json").write_text('{"comment": "mine"}')
+    (results / "scienceqa_results_fastv_avg_all_heads.jsonl").unlink()
+    code, out, err = run_cli(capsys, "--results-dir", results, "--format", "json")
+    assert code == 0
+    assert "skipping" in err and "scienceqa_results_torn.json: it is not valid JSON" in err
+    assert "scienceqa_results_fastv_random.json: it is partial (4 samples, complete: false)" in err
+    assert "scienceqa_results_notes.json: it is not a fastv_advanced result file" in err
+    assert "scienceqa_results_fastv_avg_all_heads.jsonl cannot be read" in err
+    rows = json.loads(out)["rows"]
+    assert len(rows) == 7
+    avg = next(r for r in rows if r["strategy"] == "FastV - avg_all_heads")
+    assert avg["delta"] == 0.0 and avg["p_value"] is None  # accuracy still compared, significance n/a
+
+
+def test_nothing_to_compare_exits_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--results-dir", tmp_path)
+    assert code == 2 and "no result files (scienceqa_results_*.json)" in err
+
+
+def test_pareto_front():
+    points = [(100, 70), (60, 50), (60, 70), (45, 0), (60, 100), (80, 90)]
+    assert compare.pareto_front(points) == [3, 4]
+    assert compare.pareto_front([(1, 1), (2, 2), (3, 1.5), (4, 3)]) == [0, 1, 3]
+
+
+def test_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    target = tmp_path / "plots" / "results.png"
+    code, _, err = run_cli(capsys, "--results-dir", FIXTURES, "--plot", target)
+    assert code == 0 and f"plot written to {target}" in err
+    assert target.stat().st_size > 20_000
+    with Image.open(target) as image:
+        assert image.format == "PNG" and image.width >= 1500 and image.height >= 700
+        # Two panels of drawn content: the picture is far from a blank canvas.
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 200
