@@ -1,0 +1,235 @@
+"""`fastv-sweep`: evaluate a grid of FastV configurations (and the baseline) with one model load.
+
+Writes exactly the files single `eval_scivqa.py` runs write (same names, same content, resumable), one pair per
+configuration. The model, data, prompt and run flags are `eval_scivqa.py`'s (shared parser code); the grid flags
+replace its single-configuration FastV flags. Everything is checked before the model loads, and the model is not
+loaded at all when every configuration is already finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+from .. import evaluation as ev
+from ..embedded import ENV_VAR
+from ..scienceqa import image_path
+from ..strategies import available_strategies
+from ..sweep import (
+    DEFAULT_ALPHA,
+    DEFAULT_METHODS,
+    WEIGHTED,
+    Sweep,
+    SweepError,
+    SweepGrid,
+    expand_grid,
+    expected_model_info,
+    format_report,
+)
+from .eval_scivqa import (
+    HelpFormatter,
+    UsageError,
+    add_data_arguments,
+    add_fastv_span_arguments,
+    add_prompt_arguments,
+    add_run_arguments,
+    describe_inputs,
+    fit_to_model,
+    note_input_warnings,
+    prepare_inputs,
+    resolve_paths,
+    run_config_with,
+    _flag_names,
+)
+
+# Config fields and single-run flags in messages -> the sweep's flags.
+GRID_FLAGS = {
+    "agg_layer": "--agg-layers",
+    "attention_rank": "--ranks",
+    "weighted_alpha": "--alphas",
+    "token_selection_method": "--methods",
+    "--fast-v-agg-layer": "--agg-layers",
+    "--fast-v-attention-rank": "--ranks",
+}
+
+EXAMPLES = """examples:
+  # the guide's suite: baseline, max_head, avg_all_heads, weighted_combination alpha 0.3/0.5/0.7 (R=288, K=2)
+  fastv-sweep --model-path ./models/llava-1.5-7b-hf --question-file ./data/scienceqa/himap-inference-MCQ.json \\
+      --image-folder ./data/scienceqa/images/test --single-pred-prompt --num-samples 100 \\
+      --methods max_head avg_all_heads weighted_combination --alphas 0.3 0.5 0.7
+
+  # the guide's alpha sweep, without the baseline
+  fastv-sweep ... --no-baseline --methods weighted_combination --alphas 0.1 0.3 0.5 0.7 0.9
+
+  # the guide's tuning grid: kept tokens x pruning layer
+  fastv-sweep ... --methods avg_all_heads max_head --ranks 144 288 432 --agg-layers 1 2 4
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastv-sweep",
+        description="Evaluate a grid of FastV configurations on ScienceQA with ONE model load: every method x rank x "
+        "aggregation layer (weighted_combination also x alpha), plus the unpruned baseline. Each configuration "
+        "writes the same scienceqa_results_<config>.json + .jsonl as a single eval_scivqa.py run; finished "
+        "configurations are skipped and interrupted ones resume. Set "
+        f"{ENV_VAR}=1 to use the embedded tiny model and sample data.",
+        formatter_class=HelpFormatter,
+        epilog=EXAMPLES,
+    )
+    add_data_arguments(parser)
+    add_prompt_arguments(parser)
+    grid = parser.add_argument_group("grid (one result file per configuration)")
+    grid.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), metavar="METHOD",
+                      help=f"token-selection strategies ({', '.join(available_strategies())}, or "
+                      "package.module:function); none = baseline only")
+    grid.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], metavar="ALPHA",
+                      help="alphas of weighted_combination (other methods have none)")
+    grid.add_argument("--ranks", nargs="+", type=int, default=[ev.GUIDE_ATTENTION_RANK], metavar="R",
+                      help="image tokens kept after layer K (the guide: 144, 288, 432 = 25/50/75%% of 576)")
+    grid.add_argument("--agg-layers", nargs="+", type=int, default=[ev.GUIDE_AGG_LAYER], metavar="K",
+                      help="layers from which tokens are dropped (the guide: 1, 2, 4)")
+    grid.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                      help="also evaluate the unpruned model (scienceqa_results_baseline.json)")
+    add_fastv_span_arguments(grid)
+    add_run_arguments(parser, single_run=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sweep = None
+    try:
+        sweep = _prepare(args, argv)
+        if sweep is None:  # dry run
+            return 0
+        with warnings.catch_warnings():
+            _fastv_warnings_once()
+            sweep.run(lambda: _load(args, sweep))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SweepError as exc:
+        _print_report(sweep)
+        print(f"error: {exc}\n(finished configurations are kept; fix the problem and re-run the same command to "
+              "resume)", file=sys.stderr)
+        return 1
+    except (ev.ConfigurationMismatch, ev.EvaluationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _print_report(sweep)
+        print("\ninterrupted: finished configurations and samples are saved; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    _print_report(sweep)
+    return 0
+
+
+def _fastv_warnings_once() -> None:
+    """Show each distinct FastV warning once for the whole sweep (call inside `catch_warnings`). The "once" action
+    alone does not do it: every progress bar mutates the warning filters, which resets the registry it uses."""
+    seen: set[str] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text.startswith("FastV: "):
+            if text in seen:
+                return
+            seen.add(text)
+        show(message, category, filename, lineno, file, line)
+
+    warnings.filterwarnings("always", message="FastV: ")
+    warnings.showwarning = show_once
+
+
+def _print_report(sweep: Sweep | None) -> None:
+    if sweep is not None and sweep.entries:
+        print(format_report(sweep.entries, sweep.model_loaded), flush=True)
+
+
+def _load(args: argparse.Namespace, sweep: Sweep) -> ev.LoadedModel:
+    todo = sum(1 for p in sweep.plan() if p.status != "done")
+    print(f"loading {args.model_path} once for {todo} configurations to compute "
+          f"({len(sweep.run_configs) - todo} already finished)", flush=True)
+    return ev.load_model(args.model_path, args.model_base, device=sweep.expected_info.device, dtype=args.dtype)
+
+
+def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
+    """Check everything that can be checked without the model; the `Sweep` to run, or None after a dry run."""
+    resolve_paths(args)
+    if WEIGHTED not in args.methods and args.alphas != [DEFAULT_ALPHA]:
+        print(f"note: --alphas applies to {WEIGHTED} only, which is not in --methods: ignored", file=sys.stderr)
+    grid = SweepGrid(tuple(args.methods), tuple(args.alphas), tuple(args.ranks), tuple(args.agg_layers),
+                     args.baseline)
+    template = run_config_with(args, None)
+    try:
+        run_configs = expand_grid(grid, template, sys_length=args.fast_v_sys_length,
+                                  image_token_length=args.fast_v_image_token_length)
+    except ValueError as exc:
+        raise UsageError(_flag_names(str(exc), GRID_FLAGS)) from exc
+    if not run_configs:
+        raise UsageError("nothing to evaluate: --no-baseline and no --methods")
+    inputs = prepare_inputs(args)
+    for run_config in run_configs:
+        fit_to_model(args, run_config, inputs.spec, GRID_FLAGS)
+    pruned = [c for c in run_configs if c.fastv is not None]
+    note_input_warnings(pruned[0] if pruned else run_configs[0], inputs.spec, inputs.problems)
+    unfixable = unfixable_questions(inputs.questions, inputs.image_folder)
+    command = shlex.join([sys.argv[0] or "fastv-sweep"] + list(argv if argv is not None else sys.argv[1:]))
+    sweep = Sweep(
+        run_configs, inputs.questions, Path(args.output_dir),
+        expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
+        image_folder=inputs.image_folder, unfixable=unfixable, overwrite=args.overwrite, on_error=args.on_error,
+        save_selection=args.save_selection, num_samples=args.num_samples, command=command,
+        progress=not args.no_progress, log=lambda line: print(line, flush=True),
+    )
+    if args.dry_run:
+        print(describe_sweep(args, sweep, inputs))
+        return None
+    return sweep
+
+
+def unfixable_questions(questions, image_folder) -> frozenset[str]:
+    """Ids whose entry is malformed or whose image is missing now: their error records cannot change on a re-run,
+    so they do not make a finished configuration unfinished."""
+    ids = set()
+    for question in questions.questions:
+        if question.error is not None:
+            ids.add(question.id)
+        elif question.image is not None and not image_path(image_folder, question).is_file():
+            ids.add(question.id)
+    return frozenset(ids)
+
+
+def describe_sweep(args, sweep: Sweep, inputs) -> str:
+    plans = sweep.plan()
+    template = sweep.run_configs[0]
+    lines = [
+        "Dry run: nothing is evaluated.",
+        *describe_inputs(inputs.questions, inputs.image_folder, inputs.spec, inputs.device, inputs.dtype,
+                         inputs.problems),
+        f"  prompt {template.conv_mode}, single-pred-prompt {template.single_pred_prompt}, images "
+        f"{template.image_aspect_ratio}; "
+        + ("greedy" if template.temperature == 0 else f"temperature {template.temperature}")
+        + f", max {template.max_new_tokens} new tokens",
+        f"  {len(plans)} configurations, one model load, written to {sweep.output_dir}:",
+    ]
+    width = max(len(p.label) for p in plans)
+    for number, planned in enumerate(plans, start=1):
+        action = {"done": "skip (finished)", "resume": "resume", "new": "compute", "conflict": "REFUSED"}[
+            planned.status]
+        lines.append(f"    {number:>2}. {planned.label:<{width}}  {action:<15} {planned.result_path.name}"
+                     + (f"  ({planned.detail})" if planned.detail and planned.status != "conflict" else ""))
+    for planned in Sweep.conflicts(plans):
+        lines.append(f"  refused: {planned.detail}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

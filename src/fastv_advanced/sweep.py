@@ -1,0 +1,321 @@
+"""One-process sweeps: load a LLaVA once and evaluate a grid of configurations with it.
+
+A grid is methods x alphas (weighted_combination only) x ranks R x aggregation layers K, plus the unpruned
+baseline. Every configuration is evaluated by `evaluation.evaluate` exactly as a single `eval_scivqa.py` run with
+the same flags would be, so it writes the same files: `scienceqa_results_<config>.json` and the per-sample
+`scienceqa_results_<config>.jsonl`, with the same fingerprints. A single run and a sweep therefore resume each
+other's files.
+
+- `SweepGrid` + `expand_grid(grid, template)`: the `RunConfig`s, in a fixed order (baseline, then methods as
+  given, then alpha, rank, K), duplicates (same result file) removed.
+- `plan_run(...)`: what is on disk for one configuration, before anything loads: `done` (result file and JSONL of
+  this configuration cover every selected question), `resume` (some samples done), `new`, or `conflict` (files of
+  another configuration under this name; a single run would refuse them too).
+- `Sweep.run(load)`: skips the finished configurations, loads the model (once, and only if something is left to
+  compute), evaluates the rest in order and records what happened to each (`entries`), also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import evaluation as ev
+from .config import FastVConfig
+from .model_loading import LoadedModel, ModelInfo, ModelSpec
+from .run_files import ConfigurationMismatch, SampleJournal, fingerprint_of
+from .scienceqa import QuestionSet
+
+WEIGHTED = "weighted_combination"
+DEFAULT_METHODS = ("max_head", "avg_all_heads", WEIGHTED)
+DEFAULT_ALPHA = 0.5  # --fast-v-weighted-alpha's default: what a single run of another method records
+
+STATUS_DONE, STATUS_RESUME, STATUS_NEW, STATUS_CONFLICT = "done", "resume", "new", "conflict"
+
+
+class SweepError(RuntimeError):
+    """A configuration of the sweep failed; `index` (1-based) and `label` name it."""
+
+    def __init__(self, index: int, total: int, label: str, cause: BaseException):
+        self.index, self.total, self.label, self.cause = index, total, label, cause
+        super().__init__(f"configuration {index}/{total} ({label}) failed: {cause}")
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The grid: every method x rank x K; weighted_combination additionally x alpha."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    alphas: tuple[float, ...] = (DEFAULT_ALPHA,)
+    ranks: tuple[int, ...] = (ev.GUIDE_ATTENTION_RANK,)
+    agg_layers: tuple[int, ...] = (ev.GUIDE_AGG_LAYER,)
+    baseline: bool = True
+
+
+def expand_grid(
+    grid: SweepGrid, template: ev.RunConfig, *, sys_length: int | None = None, image_token_length: int | None = None
+) -> list[ev.RunConfig]:
+    """The grid's `RunConfig`s: `template`'s prompt/generation settings with each FastV setting (None = baseline).
+
+    Order: baseline first, then the methods in the order given, each over alpha (weighted_combination only),
+    rank and K ascending as given. Methods other than weighted_combination get alpha 0.5, as a single run of them
+    does. Configurations with the same result file are kept once. `ValueError` (from `FastVConfig`) for a bad
+    value.
+    """
+    configs = [replace(template, fastv=None)] if grid.baseline else []
+    for method in grid.methods:
+        alphas = grid.alphas if method == WEIGHTED else (DEFAULT_ALPHA,)
+        for alpha in alphas:
+            for rank in grid.ranks:
+                for agg_layer in grid.agg_layers:
+                    fastv = FastVConfig(
+                        agg_layer=agg_layer, attention_rank=rank, token_selection_method=method,
+                        weighted_alpha=float(alpha), sys_length=sys_length, image_token_length=image_token_length,
+                        seed=template.seed,
+                    )
+                    configs.append(replace(template, fastv=fastv))
+    unique: dict[str, ev.RunConfig] = {}
+    for config in configs:
+        unique.setdefault(ev.result_file_name(config), config)
+    return list(unique.values())
+
+
+def expected_model_info(spec: ModelSpec, model_base: str | None, device: torch.device, dtype: torch.dtype) -> ModelInfo:
+    """The `ModelInfo` that `load_model` will report, as far as fingerprints need it (path, base, format, dtype,
+    device), from what is known before loading. Used to plan; the sweep re-plans with the real one after loading."""
+    return ModelInfo(
+        model_path=spec.path, model_base=model_base, format=spec.format, dtype=str(dtype).replace("torch.", ""),
+        device=str(device), device_name="", num_layers=spec.num_layers or 0,
+        num_image_tokens=spec.num_image_tokens or 0, image_processor="",
+    )
+
+
+@dataclass
+class PlannedRun:
+    """One configuration and the state of its files."""
+
+    run_config: ev.RunConfig
+    result_path: Path
+    samples_path: Path
+    status: str  # done / resume / new / conflict
+    done_samples: int = 0
+    total_samples: int = 0
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.run_config.label
+
+
+def plan_run(
+    run_config: ev.RunConfig,
+    model_info: ModelInfo,
+    questions: QuestionSet,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    unfixable: Iterable[str] = (),
+) -> PlannedRun:
+    """What is on disk for `run_config` in `output_dir`.
+
+    `done` when the result file and the JSONL carry this configuration's fingerprint, the JSONL's selection is
+    exactly `questions`, every selected question has a record, and the only error records are of questions in
+    `unfixable` (ids whose entry is malformed or whose image is missing now: re-running cannot change them). A
+    single run would retry them; the sweep keeps the model unloaded instead.
+    """
+    output_dir = Path(output_dir)
+    result_path = output_dir / ev.result_file_name(run_config)
+    samples_path = output_dir / ev.samples_file_name(run_config)
+    selected = [q.id for q in questions.questions]
+    planned = PlannedRun(run_config, result_path, samples_path, STATUS_NEW, 0, len(selected))
+    if overwrite:
+        planned.detail = "starting over (--overwrite)"
+        return planned
+    config = ev.fingerprint_config(run_config, model_info, questions)
+    fingerprint = fingerprint_of(config)
+    try:
+        ev.check_result_file(result_path, config, overwrite=False)
+    except ConfigurationMismatch as exc:
+        planned.status, planned.detail = STATUS_CONFLICT, str(exc)
+        return planned
+    records: dict[str, dict] = {}
+    header: dict = {}
+    if samples_path.exists():
+        try:
+            header, records = SampleJournal.read(samples_path)
+        except (OSError, ValueError) as exc:
+            planned.status, planned.detail = STATUS_CONFLICT, f"{exc}. Pass --overwrite to start over."
+            return planned
+        if header.get("fingerprint") != fingerprint:
+            planned.status = STATUS_CONFLICT
+            planned.detail = (
+                f"{samples_path} holds per-sample results of a different configuration. Refusing to mix or "
+                "overwrite it: pass --overwrite to replace it, or --output-dir to write elsewhere."
+            )
+            return planned
+    unfixable = set(unfixable)
+    finished = [qid for qid in selected if qid in records and records[qid].get("error") is None]
+    settled = [qid for qid in selected if qid in records and (records[qid].get("error") is None or qid in unfixable)]
+    planned.done_samples = len(finished)
+    result_ok = False
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+            result_ok = result.get("fingerprint") == fingerprint and result.get("total_samples") == len(selected)
+        except (OSError, ValueError):
+            result_ok = False
+    same_selection = header.get("selection", {}).get("ids") == selected
+    if result_ok and same_selection and len(settled) == len(selected):
+        planned.status = STATUS_DONE
+        errors = len(selected) - len(finished)
+        planned.detail = f"{len(selected)} samples" + (f", {errors} recorded errors that cannot be fixed" if errors else "")
+    elif finished:
+        planned.status = STATUS_RESUME
+        planned.detail = f"{len(finished)} of {len(selected)} samples already done"
+    return planned
+
+
+@dataclass
+class SweepEntry:
+    """What the sweep did with one configuration."""
+
+    planned: PlannedRun
+    status: str = "pending"  # pending / skipped / computed / failed / interrupted
+    seconds: float | None = None
+    result: dict | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.planned.label
+
+
+@dataclass
+class Sweep:
+    """A grid evaluated with one model load. Build it, `plan()` (cheap, no model), then `run(load)`."""
+
+    run_configs: list[ev.RunConfig]
+    questions: QuestionSet
+    output_dir: Path
+    expected_info: ModelInfo
+    image_folder: str | None = None
+    unfixable: frozenset[str] = frozenset()
+    overwrite: bool = False
+    on_error: str = "skip"
+    save_selection: bool = False
+    num_samples: int | None = None
+    command: str | None = None
+    progress: bool = True
+    log: Callable[[str], None] = print
+    entries: list[SweepEntry] = field(default_factory=list)
+    model_loaded: bool = False
+
+    def plan(self, model_info: ModelInfo | None = None) -> list[PlannedRun]:
+        """Plan every configuration against the files in `output_dir` (the expected model info by default)."""
+        info = model_info or self.expected_info
+        return [
+            plan_run(config, info, self.questions, self.output_dir, overwrite=self.overwrite,
+                     unfixable=self.unfixable)
+            for config in self.run_configs
+        ]
+
+    @staticmethod
+    def conflicts(plans: list[PlannedRun]) -> list[PlannedRun]:
+        return [p for p in plans if p.status == STATUS_CONFLICT]
+
+    def run(self, load: Callable[[], LoadedModel]) -> list[SweepEntry]:
+        """Evaluate what is not finished. `load()` is called once, and only when something is left to compute.
+
+        Raises `ConfigurationMismatch` (before loading) when files of another configuration are in the way,
+        `SweepError` naming the configuration that failed, and lets `KeyboardInterrupt` through with the entry
+        marked `interrupted`. `entries` says what happened to every configuration in each case.
+        """
+        plans = self.plan()
+        self._raise_conflicts(plans)
+        self.entries = [SweepEntry(p) for p in plans]
+        total = len(plans)
+        if all(p.status == STATUS_DONE for p in plans):
+            for number, entry in enumerate(self.entries, start=1):
+                self._skip(number, total, entry)
+            return self.entries
+        loaded = load()
+        self.model_loaded = True
+        replanned = self.plan(loaded.info)
+        self._raise_conflicts(replanned)
+        for entry, planned in zip(self.entries, replanned):
+            entry.planned = planned
+        for number, entry in enumerate(self.entries, start=1):
+            if entry.planned.status == STATUS_DONE:
+                self._skip(number, total, entry)
+                continue
+            self._compute(number, total, entry, loaded)
+        return self.entries
+
+    def _raise_conflicts(self, plans: list[PlannedRun]) -> None:
+        conflicts = self.conflicts(plans)
+        if conflicts:
+            raise ConfigurationMismatch(
+                f"{len(conflicts)} of {len(plans)} configurations have files of another configuration in the way "
+                "(nothing was evaluated):\n" + "\n".join(f"  - {p.label}: {p.detail}" for p in conflicts)
+            )
+
+    def _skip(self, number: int, total: int, entry: SweepEntry) -> None:
+        entry.status = "skipped"
+        try:
+            entry.result = json.loads(entry.planned.result_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entry.result = None
+        accuracy = f", accuracy {entry.result['accuracy']:.4f}" if entry.result else ""
+        self.log(f"[{number}/{total}] {entry.label}: already finished ({entry.planned.detail}{accuracy}) - skipped, "
+                 f"{entry.planned.result_path.name}")
+
+    def _compute(self, number: int, total: int, entry: SweepEntry, loaded: LoadedModel) -> None:
+        planned = entry.planned
+        doing = (f"resuming, {planned.detail}" if planned.status == STATUS_RESUME
+                 else planned.detail or f"{planned.total_samples} samples")
+        self.log(f"[{number}/{total}] {entry.label}: computing ({doing}) -> {planned.result_path.name}")
+        started = time.perf_counter()
+        try:
+            result = ev.evaluate(
+                loaded.model, loaded.processor, self.questions, planned.run_config, self.output_dir,
+                image_folder=self.image_folder, model_info=loaded.info, overwrite=self.overwrite,
+                on_error=self.on_error, save_selection=self.save_selection, num_samples=self.num_samples,
+                command=self.command, progress=self.progress, log=self.log,
+            )
+        except KeyboardInterrupt:
+            entry.status, entry.seconds = "interrupted", time.perf_counter() - started
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the configuration named
+            entry.status, entry.seconds, entry.error = "failed", time.perf_counter() - started, str(exc)
+            raise SweepError(number, total, entry.label, exc) from exc
+        entry.status, entry.seconds, entry.result = "computed", time.perf_counter() - started, result
+        latency = result["latency"]["prefill_mean"]
+        self.log(
+            f"[{number}/{total}] {entry.label}: done in {entry.seconds:.1f} s - accuracy {result['accuracy']:.4f} "
+            f"({result['correct_samples']}/{result['total_samples']}), prefill "
+            + ("n/a" if latency is None else f"{latency:.3f} s")
+            + f", FLOPs ratio {result['flops_info']['flops_ratio']:.4f}"
+        )
+
+
+def format_report(entries: list[SweepEntry], model_loaded: bool) -> str:
+    """The sweep's closing summary: one line per configuration (status, accuracy, file) and the counts."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.status] = counts.get(entry.status, 0) + 1
+    width = max((len(e.label) for e in entries), default=10)
+    lines = ["", "Sweep summary"
+             + ("" if model_loaded else " (model not loaded: every configuration was already finished)")]
+    for entry in entries:
+        accuracy = f"accuracy {entry.result['accuracy']:.4f}" if entry.result else " " * 15
+        lines.append(f"  {entry.status:<11} {entry.label:<{width}}  {accuracy}  {entry.planned.result_path.name}")
+    order = ("computed", "skipped", "failed", "interrupted", "pending")
+    lines.append("  " + ", ".join(f"{counts[s]} {s if s != 'pending' else 'not run'}" for s in order if s in counts)
+                 + f" of {len(entries)} configurations")
+    return "\n".join(lines)
