@@ -69,31 +69,39 @@ EXAMPLES = """examples:
 """
 
 
+class _SweepHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """eval_scivqa's help format, with the description and the examples printed as written."""
+
+
+DESCRIPTION = f"""\
+Evaluate a grid of FastV configurations on ScienceQA with ONE model load: every method x rank x aggregation
+layer (weighted_combination also x alpha), plus the unpruned baseline. Each configuration writes the same
+scienceqa_results_<config>.json + .jsonl as a single eval_scivqa.py run with the same flags; finished
+configurations are skipped (the model is not even loaded when all are) and interrupted ones resume.
+Set {ENV_VAR}=1 to use the embedded tiny model and sample data."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastv-sweep",
-        description="Evaluate a grid of FastV configurations on ScienceQA with ONE model load: every method x rank x "
-        "aggregation layer (weighted_combination also x alpha), plus the unpruned baseline. Each configuration "
-        "writes the same scienceqa_results_<config>.json + .jsonl as a single eval_scivqa.py run; finished "
-        "configurations are skipped and interrupted ones resume. Set "
-        f"{ENV_VAR}=1 to use the embedded tiny model and sample data.",
-        formatter_class=HelpFormatter,
-        epilog=EXAMPLES,
+        prog="fastv-sweep", description=DESCRIPTION, formatter_class=_SweepHelpFormatter, epilog=EXAMPLES,
     )
     add_data_arguments(parser)
     add_prompt_arguments(parser)
     grid = parser.add_argument_group("grid (one result file per configuration)")
     grid.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), metavar="METHOD",
                       help=f"token-selection strategies ({', '.join(available_strategies())}, or "
-                      "package.module:function); none = baseline only")
+                      "package.module:function); none = baseline only (default: "
+                      f"{' '.join(DEFAULT_METHODS)})")
     grid.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], metavar="ALPHA",
-                      help="alphas of weighted_combination (other methods have none)")
+                      help=f"alphas of weighted_combination; other methods have none (default: {DEFAULT_ALPHA})")
     grid.add_argument("--ranks", nargs="+", type=int, default=[ev.GUIDE_ATTENTION_RANK], metavar="R",
-                      help="image tokens kept after layer K (the guide: 144, 288, 432 = 25/50/75%% of 576)")
+                      help="image tokens kept after layer K; the guide tunes 144, 288, 432 = 25/50/75%% of 576 "
+                      f"(default: {ev.GUIDE_ATTENTION_RANK})")
     grid.add_argument("--agg-layers", nargs="+", type=int, default=[ev.GUIDE_AGG_LAYER], metavar="K",
-                      help="layers from which tokens are dropped (the guide: 1, 2, 4)")
+                      help="layers from which tokens are dropped; the guide tunes 1, 2, 4 "
+                      f"(default: {ev.GUIDE_AGG_LAYER})")
     grid.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                      help="also evaluate the unpruned model (scienceqa_results_baseline.json)")
+                      help="also evaluate the unpruned model, scienceqa_results_baseline.json (default: on)")
     add_fastv_span_arguments(grid)
     add_run_arguments(parser, single_run=False)
     return parser
