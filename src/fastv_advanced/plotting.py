@@ -79,8 +79,10 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
 
     samples = sorted({r.samples for r in rows})
     subtitle = f"{'/'.join(map(str, samples))} questions per run"
-    if comparison.standard_error is not None:
+    if comparison.standard_error:
         subtitle += f"; one run's standard error ≈ ±{100 * comparison.standard_error:.1f} accuracy points"
+    elif comparison.standard_error is not None:  # accuracy 0 or 1: the binomial bound
+        subtitle += f"; one run's standard error up to ±{50 / math.sqrt(samples[0]):.1f} accuracy points"
     fig.suptitle(f"FastV Advanced on ScienceQA: accuracy against cost\n{subtitle}", fontsize=12)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +131,16 @@ def _set_limits(ax, rows: list[Row], points) -> None:
     high = max(y + e for y, e in zip(ys, errors))
     span = max(high - low, 4.0)
     middle = (low + high) / 2
-    # Room for labels above and below, but no ticks far outside the 0-100 range accuracies live in.
-    bottom, top = max(middle - 0.75 * span, -4.0), min(middle + 0.75 * span, 104.0)
-    if top - bottom < 6.0:
-        bottom, top = (bottom, bottom + 6.0) if bottom <= -4.0 else (top - 6.0, top)
+    # Room for labels above and below, shifted (not stretched) to stay close to the 0-100 range of accuracies.
+    bottom, top = middle - 0.75 * span, middle + 0.75 * span
+    margin = min(0.06 * (top - bottom), 6.0)
+    if bottom < -margin:
+        bottom, top = -margin, top + (-margin - bottom)
+    if top > 100 + margin:
+        bottom, top = bottom - (top - 100 - margin), 100 + margin
+    bottom, top = max(bottom, -margin), min(top, 100 + margin)
+    ax.set_ylim(bottom, top)
+    ax.set_yticks([t for t in ax.get_yticks() if -1e-9 <= t <= 100 + 1e-9])
     ax.set_ylim(bottom, top)
     x_span = max(max(xs) - min(xs), 0.1 * max(abs(max(xs)), 1e-9), 1e-9)
     ax.set_xlim(min(xs) - 0.3 * x_span, max(xs) + 0.3 * x_span)
