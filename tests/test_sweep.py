@@ -111,7 +111,8 @@ def test_suite_script_end_to_end_then_the_guide_compare_command(guide_model_dir,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stems = [name[: -len(".json")] for name in GUIDE_FILES]
-    assert sorted(p.name for p in work.iterdir()) == sorted([f"{s}.json" for s in stems] + [f"{s}.jsonl" for s in stems])
+    expected = [f"{s}.json" for s in stems] + [f"{s}.jsonl" for s in stems]
+    assert sorted(p.name for p in work.iterdir()) == sorted(expected)
     assert done.stdout.count("loading ") == 1  # one model load for the six configurations
     assert "6 computed of 6 configurations" in done.stdout
     assert "FastV Advanced 结果比较" in done.stdout  # the suite ends with the comparison

@@ -96,9 +96,11 @@ class Run:
             return "Baseline"
         method = self.method or "?"
         name = f"weighted α={self.alpha:g}" if self.alpha is not None else method
-        budget = f"R={self.rank}" if self.rank is not None else f"ratio={0.5 if self.keep_ratio is None else self.keep_ratio:g}"
-        suffix = "" if (self.rank == GUIDE_RANK and self.agg_layer == GUIDE_AGG_LAYER) else f" ({budget}, K={self.agg_layer})"
-        return f"FastV - {name}{suffix}"
+        if self.rank == GUIDE_RANK and self.agg_layer == GUIDE_AGG_LAYER:
+            return f"FastV - {name}"
+        ratio = 0.5 if self.keep_ratio is None else self.keep_ratio
+        budget = f"R={self.rank}" if self.rank is not None else f"ratio={ratio:g}"
+        return f"FastV - {name} ({budget}, K={self.agg_layer})"
 
     @property
     def short_label(self) -> str:
@@ -455,7 +457,8 @@ def explanation(comparison: Comparison) -> list[str]:
     if se is not None and se > 0:
         noise = f"With {n} questions one run's accuracy has a standard error of about ±{100 * se:.1f} points"
     else:
-        noise = f"With {n} questions one run's accuracy has a standard error of up to ±{50 / math.sqrt(max(n, 1)):.1f} points"
+        bound = 50 / math.sqrt(max(n, 1))  # sqrt(p(1-p)/n) at p = 1/2
+        noise = f"With {n} questions one run's accuracy has a standard error of up to ±{bound:.1f} points"
     return [
         "Δ: accuracy minus the Baseline's. 预填充加速 (prefill speed-up): the Baseline's mean prefill time (time to "
         "first token) / this run's. FLOPs比例: theoretical decoder prefill FLOPs relative to the unpruned model. "

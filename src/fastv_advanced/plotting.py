@@ -69,7 +69,8 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
             continue
         seen.add(key)
         marker = "*" if row.baseline else "o"
-        handles.append(plt.Line2D([], [], marker=marker, color=colour, linestyle="", markersize=13 if row.baseline else 8))
+        size = 13 if row.baseline else 8
+        handles.append(plt.Line2D([], [], marker=marker, color=colour, linestyle="", markersize=size))
         labels.append("Baseline (no pruning)" if row.baseline else key)
     handles.append(plt.Line2D([], [], color="#444444", linestyle="--", linewidth=1.2))
     labels.append("Pareto front (max accuracy, min cost)")

@@ -174,7 +174,9 @@ def plan_run(
     if result_ok and same_selection and len(settled) == len(selected):
         planned.status = STATUS_DONE
         errors = len(selected) - len(finished)
-        planned.detail = f"{len(selected)} samples" + (f", {errors} recorded errors that cannot be fixed" if errors else "")
+        planned.detail = f"{len(selected)} samples"
+        if errors:
+            planned.detail += f", {errors} recorded errors that cannot be fixed"
     elif finished:
         planned.status = STATUS_RESUME
         planned.detail = f"{len(finished)} of {len(selected)} samples already done"
