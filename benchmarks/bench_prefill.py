@@ -79,9 +79,10 @@ class Preset:
     warmup: int = 1
     min_reps: int = 3
     max_reps: int = 5
-    baseline_copies: int = 2  # baseline runs per prefill round
+    anchor_every: int = 3  # in prefill rounds, the baseline runs again after every this many configurations
     e2e_min_reps: int = 1
     e2e_max_reps: int = 3
+    e2e_warmup: bool = True  # one untimed short generate per configuration before the timed rounds
     time_budget_s: float = 540.0
 
 
@@ -95,7 +96,7 @@ PRESETS = {
         name="llava7b", device="cuda", dtype="float16", text=LLAVA7B_TEXT, vision=CLIP_L336,
         vision_note="CLIP ViT-L/14-336 shapes (24 layers, hidden 1024): cheap next to the 7B decoder on a GPU "
                     "(~4% of prefill FLOPs), so the end-to-end numbers keep LLaVA-1.5's real proportions",
-        side_by_side_k=GRID_K, e2e_k=(2,), warmup=2, min_reps=5, max_reps=15, baseline_copies=3,
+        side_by_side_k=GRID_K, e2e_k=(2,), warmup=2, min_reps=5, max_reps=15, anchor_every=3,
         e2e_min_reps=2, e2e_max_reps=3, time_budget_s=270.0,
     ),
     "scaled": Preset(
@@ -107,8 +108,8 @@ PRESETS = {
         vision_note="stand-in CLIP (hidden 256, 5 layers, 336px / patch 14 = 576 tokens) sized so the vision "
                     "tower is ~4% of prefill FLOPs, as CLIP ViT-L/14-336 is for LLaVA-1.5-7B; the real ViT-L would "
                     "cost more than this scaled decoder on a CPU",
-        side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(576, 288, 144, 0), warmup=1, min_reps=3, max_reps=5,
-        baseline_copies=2, e2e_min_reps=1, e2e_max_reps=3, time_budget_s=540.0,
+        side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288, 144), warmup=1, min_reps=3, max_reps=10,
+        anchor_every=3, e2e_min_reps=1, e2e_max_reps=5, time_budget_s=480.0,
     ),
     "tiny": Preset(
         name="tiny", device="cpu", dtype="float32",
@@ -119,13 +120,13 @@ PRESETS = {
         n_before_image=8, n_after_image=10, qk_scale=4.0,
         vision_note="toy CLIP (32px / patch 4 = 64 image tokens) for tests",
         side_by_side_k=(1, 2), e2e_k=(2,), e2e_ranks=(576, 288, 0), new_tokens=(1, 4), warmup=1, min_reps=1,
-        max_reps=2, baseline_copies=1, e2e_min_reps=1, e2e_max_reps=1, time_budget_s=60.0,
+        max_reps=2, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1, time_budget_s=60.0,
     ),
 }
 
 # --smoke: same code path, smallest grid, one timed round (also shrinks llava7b's widths when run on a CPU)
 SMOKE = dict(grid_k=(2,), grid_ranks=(576, 288, 0), side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288,),
-             new_tokens=(1, 4), warmup=1, min_reps=1, max_reps=1, baseline_copies=1, e2e_min_reps=1, e2e_max_reps=1)
+             new_tokens=(1, 4), warmup=0, e2e_warmup=False, min_reps=1, max_reps=1, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1)
 LLAVA7B_CPU_SMOKE_TEXT = dict(LLAVA7B_TEXT, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                               num_attention_heads=2, num_key_value_heads=2)
 LLAVA7B_CPU_SMOKE_VISION = dict(CLIP_L336, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -247,9 +248,33 @@ class Bench:
     selections: dict = field(default_factory=dict)  # key -> kept positions [batch, S']
     last_logits: dict = field(default_factory=dict)  # key -> FloatTensor[batch, vocab]
     memory: dict = field(default_factory=dict)  # key -> {"prefill_peak_extra_bytes": ..., ...}
+    visits: list = field(default_factory=list)  # (round, key, prefill_s, decoder_s) of timed prefills, in run order
+    round: int = 0
+    selection_tensors: dict = field(default_factory=dict)  # K -> captured layer K-1 tensors (selection_inputs)
 
     def _record(self, config: Config, name: str, value) -> None:
         self.samples.setdefault(config.key, {}).setdefault(name, []).append(value)
+
+    def visit(self, config: Config, memory: bool = False) -> None:
+        """One timed run of a configuration in a prefill round."""
+        if config.mode == "selection":
+            self.selection(config)
+        else:
+            self.prefill(config, memory=memory)
+
+    def selection(self, config: Config, reps: int = 5) -> None:
+        """The selection step alone on the captured layer K-1 tensors: median of `reps` back-to-back calls."""
+        c = self.selection_tensors[config.k]
+        fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
+        strategy, generator = get_strategy(fastv.token_selection_method), torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for name, gathers in (("selection_s", False), ("selection_and_gathers_s", True)):
+                times = []
+                for _ in range(reps):
+                    with Stopwatch(self.device) as watch:
+                        selection_step(c, config.rank, fastv, strategy, generator, gathers)
+                    times.append(watch.seconds)
+                self._record(config, name, statistics.median(times))
 
     def prefill(self, config: Config, record: bool = True, memory: bool = False) -> None:
         timer = DecoderTimer(self.model.model.language_model, self.device)
@@ -271,6 +296,7 @@ class Bench:
         if record:
             self._record(config, "prefill_s", watch.seconds)
             self._record(config, "decoder_s", timer.seconds)
+            self.visits.append((self.round, config.key, watch.seconds, timer.seconds))
         if memory:
             self.memory.setdefault(config.key, {})["prefill_peak_extra_bytes"] = probe.peak_extra
             self.memory[config.key]["prefill_peak_total_bytes"] = probe.peak_total
@@ -296,18 +322,31 @@ class Bench:
 
 
 def run_rounds(configs: list[Config], visit, min_reps: int, max_reps: int, deadline: float, seed: int,
-               baseline_copies: int = 1, log=print, label: str = "", reserve_rounds: int = 0) -> int:
-    """Interleaved rounds: every config once per round (baseline `baseline_copies` times), shuffled order.
+               anchor_every: int = 0, log=print, label: str = "", reserve_rounds: int = 0, on_round=None) -> int:
+    """Interleaved rounds: every config once per round, in a new shuffled order each round.
 
-    Runs at least `min_reps` rounds, and more up to `max_reps` while the next round is expected to end before
-    `deadline` (leaving time for `reserve_rounds` more rounds' worth of later work). Returns the rounds run.
+    With anchor_every = n > 0, the baseline also runs before the first config and after every n configs (so every
+    config has a baseline run at most n slots away: see `paired_speedups`). Runs at least `min_reps` rounds, and
+    more up to `max_reps` while the next round is expected to end before `deadline` (leaving time for
+    `reserve_rounds` more rounds' worth of later work). Returns the rounds run.
     """
     rng = random.Random(seed)
+    baseline = [c for c in configs if c.mode == "baseline"]
+    others = [c for c in configs if c.mode != "baseline"]
     rounds = 0
     while rounds < max_reps:
+        if on_round:
+            on_round(rounds + 1)
         start = time.perf_counter()
-        order = list(configs) + [c for c in configs if c.mode == "baseline"] * (baseline_copies - 1)
-        rng.shuffle(order)
+        rng.shuffle(others)
+        if anchor_every and baseline:
+            order = []
+            for i in range(0, len(others), anchor_every):
+                order += baseline + others[i:i + anchor_every]
+            order += baseline
+        else:
+            order = baseline + others
+            rng.shuffle(order)
         for config in order:
             visit(config)
         rounds += 1
@@ -318,6 +357,27 @@ def run_rounds(configs: list[Config], visit, min_reps: int, max_reps: int, deadl
                 log(f"  {label}: stopping after {rounds} rounds (time budget)")
             break
     return rounds
+
+
+def paired_speedups(visits: list, index: int) -> dict:
+    """key -> median over its runs of (mean of the nearest baseline runs before and after it in the same round) /
+    (its time). Robust to slow drift and to load that changes between rounds (a shared machine).
+    index: 2 = whole prefill, 3 = decoder."""
+    ratios: dict = {}
+    by_round: dict = {}
+    for v in visits:
+        by_round.setdefault(v[0], []).append(v)
+    for run in by_round.values():
+        base_at = [i for i, v in enumerate(run) if v[1] == "baseline"]
+        for i, v in enumerate(run):
+            if v[1] == "baseline" or v[1].startswith("selection"):
+                continue
+            before = [run[j][index] for j in base_at if j < i][-1:]
+            after = [run[j][index] for j in base_at if j > i][:1]
+            neighbours = before + after
+            if neighbours:
+                ratios.setdefault(v[1], []).append(statistics.mean(neighbours) / v[index])
+    return {key: statistics.median(r) for key, r in ratios.items()}
 
 
 def selection_inputs(model, inputs: dict, k: int) -> dict:
@@ -367,29 +427,6 @@ def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, 
         cos.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
         sin.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
     return kept
-
-
-def time_selection(model, inputs, device, ks, ranks, n_image, reps: int) -> list[dict]:
-    rows = []
-    strategy = get_strategy("avg_all_heads")
-    generator = torch.Generator().manual_seed(0)
-    for k in ks:
-        c = selection_inputs(model, inputs, k)
-        for rank in ranks:
-            fastv = FastVConfig(agg_layer=k, attention_rank=rank)
-            row = {"k": k, "rank": rank}
-            for name, gathers in (("selection_s", False), ("selection_and_gathers_s", True)):
-                with torch.inference_mode():
-                    for _ in range(3):
-                        selection_step(c, rank, fastv, strategy, generator, gathers)
-                    times = []
-                    for _ in range(reps):
-                        with Stopwatch(device) as w:
-                            selection_step(c, rank, fastv, strategy, generator, gathers)
-                        times.append(w.seconds)
-                row[name] = statistics.median(times)
-            rows.append(row)
-    return rows
 
 
 def selection_memory_scaling(model, device, dtype, seq_lens: list[int], n_before: int, n_after: int) -> list[dict]:
@@ -445,6 +482,7 @@ def median(values):
 def summarise(bench: Bench, configs: list[Config], shape: DecoderShape, n_tokens: int, n_image: int) -> list[dict]:
     base = bench.samples.get("baseline", {})
     base_e2e = {name: median(v) for name, v in base.items() if name.startswith("e2e_")}
+    paired = {label: paired_speedups(bench.visits, index) for label, index in (("prefill", 2), ("decoder", 3))}
     rows = []
     for config in configs:
         s = bench.samples.get(config.key, {})
@@ -474,6 +512,9 @@ def summarise(bench: Bench, configs: list[Config], shape: DecoderShape, n_tokens
                 speedup = ref / own if own and ref else None
                 row[f"{label}_speedup{suffix}"] = speedup
                 row[f"{label}_speedup{suffix}_over_theoretical"] = speedup / theory if speedup else None
+            speedup = 1.0 if config.mode == "baseline" else paired[label].get(config.key)
+            row[f"{label}_speedup_paired"] = speedup
+            row[f"{label}_speedup_paired_over_theoretical"] = speedup / theory if speedup else None
         for name, values in s.items():
             if name.startswith("e2e_"):
                 row[name] = median(values)
@@ -524,7 +565,9 @@ def targets(rows: list[dict], selection: list[dict], selection_memory: list[dict
         out[f"K2_R{rank}"] = {
             name: row[name] for name in ("theoretical_speedup", "prefill_speedup", "prefill_speedup_over_theoretical",
                                          "decoder_speedup", "decoder_speedup_over_theoretical",
-                                         "prefill_speedup_min_over_theoretical", "decoder_speedup_min_over_theoretical")
+                                         "prefill_speedup_min_over_theoretical", "decoder_speedup_min_over_theoretical",
+                                         "prefill_speedup_paired_over_theoretical",
+                                         "decoder_speedup_paired_over_theoretical")
         }
         out[f"K2_R{rank}"]["met"] = row["prefill_speedup_over_theoretical"] >= 0.9
         out[f"K2_R{rank}"]["rank"] = row["rank"]
@@ -566,7 +609,9 @@ def markdown(result: dict) -> str:
         f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
         f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up "
-        f"round(s); end-to-end: {meta['e2e_rounds']} rounds; speed-ups against `baseline` (unpruned, SDPA)",
+        f"round(s), baseline re-run after every {meta['anchor_every']} configurations; end-to-end: "
+        f"{meta['e2e_rounds']} rounds; speed-ups against `baseline` (unpruned, SDPA). × = ratio of medians; "
+        f"paired = median over runs of (neighbouring baseline runs) / (run), robust to load that drifts",
         "",
     ]
     t = result.get("targets", {})
@@ -578,7 +623,9 @@ def markdown(result: dict) -> str:
                 lines.append(
                     f"- drop K=2 R={x['rank']}: theoretical {x['theoretical_speedup']:.2f}×, measured prefill "
                     f"{x['prefill_speedup']:.2f}× = **{x['prefill_speedup_over_theoretical']:.2f}** of theoretical "
-                    f"(decoder alone {x['decoder_speedup_over_theoretical']:.2f}; best-of-rounds "
+                    f"(decoder alone {x['decoder_speedup_over_theoretical']:.2f}; other estimators, prefill / "
+                    f"decoder: paired with neighbouring baseline runs {fmt(x['prefill_speedup_paired_over_theoretical'])}"
+                    f" / {fmt(x['decoder_speedup_paired_over_theoretical'])}, best-of-rounds "
                     f"{x['prefill_speedup_min_over_theoretical']:.2f} / {x['decoder_speedup_min_over_theoretical']:.2f})"
                     f" — target ≥ 0.9: {'met' if x['met'] else 'NOT met'}")
         if "selection_max_share_of_prefill" in t:
@@ -592,8 +639,9 @@ def markdown(result: dict) -> str:
     lines += [
         "### Prefill (theoretical = decoder FLOPs ratio of DESIGN.md §4; mask mode removes no FLOPs)",
         "",
-        "| mode | K | R | tokens after K | FLOPs ratio | theor. × | prefill ms | × | ×/theor. | decoder ms | × | ×/theor. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | K | R | tokens after K | FLOPs ratio | theor. × | prefill ms | × | ×/theor. | decoder ms | × | ×/theor. "
+        "| paired ×/theor. (prefill, decoder) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -601,7 +649,8 @@ def markdown(result: dict) -> str:
             f"{r['flops_ratio']:.3f} | {r['theoretical_speedup']:.2f} | {fmt(r['prefill_s'], '.1f', 1e3)} | "
             f"{fmt(r['prefill_speedup'])} | {fmt(r['prefill_speedup_over_theoretical'])} | "
             f"{fmt(r['decoder_s'], '.1f', 1e3)} | {fmt(r['decoder_speedup'])} | "
-            f"{fmt(r['decoder_speedup_over_theoretical'])} |"
+            f"{fmt(r['decoder_speedup_over_theoretical'])} | {fmt(r['prefill_speedup_paired_over_theoretical'])}, "
+            f"{fmt(r['decoder_speedup_paired_over_theoretical'])} |"
         )
     new_tokens = meta["new_tokens"]
     e2e_rows = [r for r in result["rows"] if any(k.startswith("e2e_") for k in r)]
@@ -700,6 +749,10 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float,
                    help="seconds after which no further optional rounds start (default: preset's)")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end and memory phase")
+    p.add_argument("--profile", type=int, nargs=2, metavar=("K", "R"),
+                   help="also profile one prefill of baseline, drop, mask and eager FastV at (K, R) with "
+                        "torch.profiler: prints the top operators and writes Chrome traces next to the JSON")
+    p.add_argument("--profile-only", action="store_true", help="with --profile: skip the benchmark itself")
     return p.parse_args(argv)
 
 
@@ -763,6 +816,16 @@ def _run(argv=None) -> dict:
     log(f"[{time.time() - t_start:6.1f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
         f"params; prompt {n_tokens} tokens, {n_image} image tokens")
 
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
+    out_dir = Path(args.out)
+    if args.profile and args.profile_only:
+        for _ in range(2):
+            with torch.inference_mode():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        profiles = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
+        return {"meta": {"preset": args.preset, "device": str(device)}, "profile": profiles}
+
     # configurations: drop on the full grid, mask/eager on side_by_side_k, two unpruned references
     configs = [Config(m) for m in ("baseline", "eager_baseline") if m in modes]
     for mode in PRUNED_MODES:
@@ -773,9 +836,19 @@ def _run(argv=None) -> dict:
     if "baseline" not in modes:
         raise SystemExit("--modes must include baseline (every speed-up is measured against it)")
 
+    busy = busy_machine_note(device, load_before)
+    if busy:
+        log(f"WARNING: {busy}")
     deadline = t_start + settings["time_budget_s"]
     bench = Bench(model, inputs, device, n_image, deadline, measure_memory_in_timed_runs=device.type == "cuda")
-    notes = []
+    notes = [busy] if busy else []
+
+    # the selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds
+    selection_configs = []
+    if "drop" in modes:
+        for k in settings["grid_k"]:
+            bench.selection_tensors[k] = selection_inputs(model, inputs, k)
+        selection_configs = [Config("selection", k, r) for k in settings["grid_k"] for r in grid_ranks]
 
     # global warm-up (kernels, allocator), then a warm-up round of every configuration
     for _ in range(2):
@@ -785,11 +858,12 @@ def _run(argv=None) -> dict:
             bench.prefill(config, record=False)
     log(f"[{time.time() - t_start:6.1f}s] warm-up done ({len(configs)} configurations)")
 
-    # phase 1: prefill, interleaved; memory in the timed runs on GPU
+    # phase 1: prefill, interleaved, baseline every few slots; memory in the timed runs on GPU
     prefill_deadline = t_start + 0.55 * settings["time_budget_s"]
     prefill_rounds = run_rounds(
-        configs, lambda c: bench.prefill(c, memory=bench.measure_memory_in_timed_runs), settings["min_reps"],
-        settings["max_reps"], prefill_deadline, args.seed, settings["baseline_copies"], log, "prefill")
+        configs + selection_configs, lambda c: bench.visit(c, memory=bench.measure_memory_in_timed_runs),
+        settings["min_reps"], settings["max_reps"], prefill_deadline, args.seed, settings["anchor_every"], log,
+        "prefill", on_round=lambda r: setattr(bench, "round", r))
     log(f"[{time.time() - t_start:6.1f}s] prefill done ({prefill_rounds} rounds)")
 
     # phase 2: end-to-end and memory on the subset
@@ -802,12 +876,12 @@ def _run(argv=None) -> dict:
     )
     if not args.no_e2e:
         warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
-        for config in e2e_configs:  # warm-up of generate (untimed, short)
+        for config in e2e_configs if settings["e2e_warmup"] else []:  # warm-up of generate (untimed, short)
             bench.generate(config, warm_tokens, record=False)
         log(f"[{time.time() - t_start:6.1f}s] end-to-end warm-up done ({len(e2e_configs)} configurations)")
         e2e_rounds = run_rounds(
             e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
-            deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 1, log, "end-to-end", reserve_rounds=1)
+            deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, log, "end-to-end", reserve_rounds=1)
         log(f"[{time.time() - t_start:6.1f}s] end-to-end done ({e2e_rounds} rounds)")
         # memory pass, last, when every path is warm; shuffled so that no configuration always follows another
         cpu_memory = device.type == "cpu" and cpu_peak_supported()[0]
@@ -818,16 +892,21 @@ def _run(argv=None) -> dict:
                 bench.generate(config, (max(new_tokens),), record=False, memory=True)
         log(f"[{time.time() - t_start:6.1f}s] memory pass done")
 
-    # phase 3: the selection step alone, and its memory against sequence length
-    sel_k = [k for k in settings["grid_k"] if "drop" in modes]
-    selection = time_selection(model, inputs, device, sel_k, grid_ranks, n_image, reps=20)
+    # phase 3: the selection's memory against sequence length; summaries
     rows = summarise(bench, configs, shape, n_tokens, n_image)
     by_key = {r["key"]: r for r in rows}
-    for s in selection:
-        drop = by_key.get(Config("drop", s["k"], s["rank"]).key)
-        if drop and drop["prefill_s"]:
-            s["drop_prefill_s"] = drop["prefill_s"]
-            s["share_of_prefill"] = s["selection_s"] / drop["prefill_s"]
+    selection = []
+    for config in selection_configs:
+        sample = bench.samples.get(config.key, {})
+        entry = {"k": config.k, "rank": config.rank,
+                 "selection_s": median(sample.get("selection_s", [])),
+                 "selection_min_s": min(sample.get("selection_s", [float("nan")])),
+                 "selection_and_gathers_s": median(sample.get("selection_and_gathers_s", []))}
+        drop = by_key.get(Config("drop", config.k, config.rank).key)
+        if drop and drop["prefill_s"] and entry["selection_s"] is not None:
+            entry["drop_prefill_s"] = drop["prefill_s"]
+            entry["share_of_prefill"] = entry["selection_s"] / drop["prefill_s"]
+        selection.append(entry)
     seq_lens = [n_tokens * f for f in (1, 2, 4, 8)]
     selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
                                                 preset.n_after_image)
@@ -857,7 +936,7 @@ def _run(argv=None) -> dict:
             "decoder_shape": {k: v for k, v in shape.__dict__.items()},
             "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
             "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
-            "baseline_copies": settings["baseline_copies"], "new_tokens": list(new_tokens),
+            "anchor_every": settings["anchor_every"], "new_tokens": list(new_tokens),
             "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {e2e_ranks}",
             "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
         },
@@ -871,16 +950,54 @@ def _run(argv=None) -> dict:
     result["meta"]["elapsed_s"] = time.time() - t_start
     text = markdown(result)
     print(text, flush=True)
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1))
     (out_dir / f"{stem}.md").write_text(text + "\n")
     log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
     result["meta"]["json_path"] = str(path)
+    if args.profile:
+        result["profile"] = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
     return result
+
+
+def busy_machine_note(device: torch.device, load: list[float] | None) -> str | None:
+    """A warning when other processes already use CPU cores this run's threads need."""
+    if device.type != "cpu" or not load:
+        return None
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    others = load[0]  # this process has not started computing yet
+    if others + threads > cores + 0.5:
+        return (f"load average {load[0]:.2f} on {cores} cores before the run, with {threads} torch threads: other "
+                f"processes compete for the cores, so OpenMP threads wait on descheduled peers and timings (and "
+                f"speed-ups, which then track operator counts more than FLOPs) are unreliable; re-run on a quiet "
+                f"machine, or with --threads {max(1, int(cores - others))}")
+    return None
+
+
+def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, stem: str, log) -> dict:
+    """torch.profiler over one warm prefill per mode at (K, R): top operators by self time, and Chrome traces."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for config in (Config("baseline"), Config("drop", k, rank), Config("mask", k, rank), Config("eager_fastv", k, rank)):
+        for _ in range(2):  # warm
+            with mode_context(model, config), torch.inference_mode():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        with mode_context(model, config), torch.inference_mode():
+            with profile(activities=activities, record_shapes=True) as prof:
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                synchronize(device)
+        trace = out_dir / f"{stem}_profile_{config.key.replace('/', '_')}.json"
+        prof.export_chrome_trace(str(trace))
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
+        tables[config.key] = {"table": table, "trace": str(trace)}
+        log(f"\n#### profile: {config.key} (trace {trace})\n{table}")
+    model.set_attn_implementation({"text_config": "sdpa"})
+    return tables
 
 
 def _cpu_name() -> str:

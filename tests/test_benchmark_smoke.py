@@ -18,6 +18,15 @@ import bench_prefill  # noqa: E402
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these machines are shared, and two threads on a busy core wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     preset = bench_prefill.PRESETS["tiny"]
@@ -28,7 +37,7 @@ def tiny():
 
 
 def test_cli_smoke_writes_complete_result(tmp_path, capsys):
-    returned = bench_prefill.main(["--preset", "tiny", "--smoke", "--out", str(tmp_path)])
+    returned = bench_prefill.main(["--preset", "tiny", "--smoke", "--threads", "1", "--out", str(tmp_path)])
     assert "| mode | K | R |" in capsys.readouterr().out
     [path] = tmp_path.glob("bench_prefill_tiny_smoke_cpu_*.json")
     assert path.with_suffix(".md").exists()
@@ -38,7 +47,7 @@ def test_cli_smoke_writes_complete_result(tmp_path, capsys):
     meta = result["meta"]
     for key in ("device_name", "torch", "transformers", "date", "command", "threads", "load_before", "elapsed_s"):
         assert meta[key] is not None, key
-    assert meta["n_image"] == 64 and meta["prefill_rounds"] == 1
+    assert meta["n_image"] == 64 and meta["prefill_rounds"] == 1 and meta["threads"] == 1
 
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {"baseline", "eager_baseline"} | {
