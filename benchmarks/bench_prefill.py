@@ -47,7 +47,9 @@ from fastv_advanced.strategies import get_strategy, run_strategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
-from measure import MemoryProbe, Stopwatch, cpu_peak_supported, load_average, synchronize  # noqa: E402
+from measure import (  # noqa: E402
+    MemoryProbe, Stopwatch, busy_cores, cpu_peak_supported, fix_mmap_threshold, load_average, synchronize,
+)
 
 GRID_K = (1, 2, 3)
 GRID_RANKS = (576, 432, 288, 144, 72, 0)  # for 576 image tokens; scaled proportionally for other image sizes
@@ -109,7 +111,7 @@ PRESETS = {
                     "tower is ~4% of prefill FLOPs, as CLIP ViT-L/14-336 is for LLaVA-1.5-7B; the real ViT-L would "
                     "cost more than this scaled decoder on a CPU",
         side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288, 144), warmup=1, min_reps=3, max_reps=10,
-        anchor_every=3, e2e_min_reps=1, e2e_max_reps=5, time_budget_s=480.0,
+        anchor_every=3, e2e_min_reps=1, e2e_max_reps=3, time_budget_s=480.0,
     ),
     "tiny": Preset(
         name="tiny", device="cpu", dtype="float32",
@@ -605,7 +607,8 @@ def markdown(result: dict) -> str:
         f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
         f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}",
         f"- command: `{meta['command']}`",
-        f"- load average before/after: {meta['load_before']} / {meta['load_after']}; elapsed {meta['elapsed_s']:.0f} s",
+        f"- load average before/after: {meta['load_before']} / {meta['load_after']}; cores kept busy by other "
+        f"processes just before the run: {fmt(meta['busy_cores_before'], '.1f')}; elapsed {meta['elapsed_s']:.0f} s",
         f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
         f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up "
@@ -753,6 +756,10 @@ def parse_args(argv=None):
                    help="also profile one prefill of baseline, drop, mask and eager FastV at (K, R) with "
                         "torch.profiler: prints the top operators and writes Chrome traces next to the JSON")
     p.add_argument("--profile-only", action="store_true", help="with --profile: skip the benchmark itself")
+    p.add_argument("--cpu-memory", choices=("subprocess", "inprocess"), default="subprocess",
+                   help="CPU peak memory: a fresh process per configuration (default; sound) or in this process "
+                        "(fast, but the resident set then also reflects what ran before: for tests only)")
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: measure one configuration's CPU memory
     return p.parse_args(argv)
 
 
@@ -770,6 +777,8 @@ def main(argv=None) -> dict:
 def _run(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.time()
+    if args.memory_worker:
+        fix_mmap_threshold()  # before the model exists: see measure.fix_mmap_threshold
     preset = PRESETS[args.preset]
     device = torch.device(args.device or preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -816,6 +825,9 @@ def _run(argv=None) -> dict:
     log(f"[{time.time() - t_start:6.1f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
         f"params; prompt {n_tokens} tokens, {n_image} image tokens")
 
+    if args.memory_worker:
+        return memory_worker(args, model, inputs, device, dtype, preset)
+
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
     out_dir = Path(args.out)
@@ -836,7 +848,8 @@ def _run(argv=None) -> dict:
     if "baseline" not in modes:
         raise SystemExit("--modes must include baseline (every speed-up is measured against it)")
 
-    busy = busy_machine_note(device, load_before)
+    busy_before = busy_cores() if device.type == "cpu" else None
+    busy = busy_machine_note(device, busy_before)
     if busy:
         log(f"WARNING: {busy}")
     deadline = t_start + settings["time_budget_s"]
@@ -872,7 +885,9 @@ def _run(argv=None) -> dict:
     e2e_rounds = 0
     memory_method = (
         "torch.cuda.max_memory_allocated, reset before each call" if device.type == "cuda"
-        else cpu_peak_supported()[1]
+        else ("a fresh process per configuration (model built, one warm-up prefill and generate, then the measured "
+              "calls), glibc mmap threshold fixed at 64 KiB; " if args.cpu_memory == "subprocess"
+              else "in this process (indicative only); ") + cpu_peak_supported()[1]
     )
     if not args.no_e2e:
         warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
@@ -883,13 +898,15 @@ def _run(argv=None) -> dict:
             e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
             deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, log, "end-to-end", reserve_rounds=1)
         log(f"[{time.time() - t_start:6.1f}s] end-to-end done ({e2e_rounds} rounds)")
-        # memory pass, last, when every path is warm; shuffled so that no configuration always follows another
-        cpu_memory = device.type == "cpu" and cpu_peak_supported()[0]
-        for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
-            if cpu_memory:
-                bench.prefill(config, record=False, memory=True)
-            if cpu_memory or device.type == "cuda":
+        # memory pass, last. GPU: allocator statistics in this process. CPU: a fresh process per configuration
+        if device.type == "cuda" or args.cpu_memory == "inprocess":
+            for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
+                if device.type == "cpu":
+                    bench.prefill(config, record=False, memory=True)
                 bench.generate(config, (max(new_tokens),), record=False, memory=True)
+        else:
+            for config in e2e_configs:
+                bench.memory[config.key] = run_memory_worker(args, config.key, max(new_tokens))
         log(f"[{time.time() - t_start:6.1f}s] memory pass done")
 
     # phase 3: the selection's memory against sequence length; summaries
@@ -908,8 +925,11 @@ def _run(argv=None) -> dict:
             entry["share_of_prefill"] = entry["selection_s"] / drop["prefill_s"]
         selection.append(entry)
     seq_lens = [n_tokens * f for f in (1, 2, 4, 8)]
-    selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
-                                                preset.n_after_image)
+    if device.type == "cpu" and args.cpu_memory == "subprocess":
+        selection_memory = run_memory_worker(args, "selection", 0, seq_lens)["selection_memory"]
+    else:
+        selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
+                                                    preset.n_after_image)
     log(f"[{time.time() - t_start:6.1f}s] selection measured")
 
     if settings["e2e_k"] != settings["grid_k"] or set(e2e_ranks) != set(grid_ranks):
@@ -931,7 +951,7 @@ def _run(argv=None) -> dict:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
                                                                                  else sys.argv[1:])),
-            "load_before": load_before, "load_after": load_average(),
+            "load_before": load_before, "load_after": load_average(), "busy_cores_before": busy_before,
             "n_tokens": n_tokens, "n_image": n_image, "image_start": preset.n_before_image, "batch": args.batch,
             "decoder_shape": {k: v for k, v in shape.__dict__.items()},
             "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
@@ -961,17 +981,61 @@ def _run(argv=None) -> dict:
     return result
 
 
-def busy_machine_note(device: torch.device, load: list[float] | None) -> str | None:
+WORKER_MARK = "MEMORY-WORKER-RESULT "
+
+
+def run_memory_worker(args, key: str, new_tokens: int, seq_lens: list[int] | None = None) -> dict:
+    """Measure one configuration's CPU peak memory in a fresh Python process (this script, --memory-worker)."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve()), "--preset", args.preset, "--device", "cpu",
+               "--seed", str(args.seed), "--batch", str(args.batch), "--memory-worker",
+               json.dumps({"key": key, "new_tokens": new_tokens, "seq_lens": seq_lens or []})]
+    if args.smoke:
+        command.append("--smoke")
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(WORKER_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory worker for {key} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(WORKER_MARK):])
+
+
+def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
+    """--memory-worker: warm up one configuration, then measure its prefill and generate peaks (or the selection's
+    memory at growing sequence lengths); prints one JSON line."""
+    job = json.loads(args.memory_worker)
+    vision = model.config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    bench = Bench(model, inputs, device, n_image, 0.0, measure_memory_in_timed_runs=False)
+    if job["key"] == "selection":
+        result = {"selection_memory": selection_memory_scaling(model, device, dtype, job["seq_lens"],
+                                                               preset.n_before_image, preset.n_after_image)}
+    else:
+        mode, *rest = job["key"].split("/")
+        config = Config(mode, int(rest[0][1:]), int(rest[1][1:])) if rest else Config(mode)
+        n = job["new_tokens"]
+        bench.prefill(config, record=False)
+        bench.generate(config, (min(2, n),), record=False)
+        bench.prefill(config, record=False, memory=True)
+        bench.generate(config, (n,), record=False, memory=True)
+        result = bench.memory[config.key]
+    print(WORKER_MARK + json.dumps(result), flush=True)
+    return result
+
+
+def busy_machine_note(device: torch.device, busy: float | None) -> str | None:
     """A warning when other processes already use CPU cores this run's threads need."""
-    if device.type != "cpu" or not load:
+    if device.type != "cpu" or busy is None:
         return None
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
-    others = load[0]  # this process has not started computing yet
-    if others + threads > cores + 0.5:
-        return (f"load average {load[0]:.2f} on {cores} cores before the run, with {threads} torch threads: other "
-                f"processes compete for the cores, so OpenMP threads wait on descheduled peers and timings (and "
-                f"speed-ups, which then track operator counts more than FLOPs) are unreliable; re-run on a quiet "
-                f"machine, or with --threads {max(1, int(cores - others))}")
+    if busy + threads > cores + 0.3:
+        return (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, and it uses {threads} "
+                f"torch threads: they compete for the cores, so timings are slower and noisier, and with more than "
+                f"one thread OpenMP threads wait on descheduled peers, which makes pruned runs (same operator count, "
+                f"fewer FLOPs) gain much less than they should; re-run on a quiet machine, or with "
+                f"--threads {max(1, int(cores - busy + 0.3))}")
     return None
 
 

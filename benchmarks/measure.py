@@ -61,6 +61,20 @@ def _malloc_trim() -> None:
         _LIBC.malloc_trim(0)
 
 
+def fix_mmap_threshold(threshold: int = 1 << 16) -> bool:
+    """Make glibc serve every allocation >= `threshold` bytes with its own mmap, returned to the OS on free.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed, after which
+    large tensors come from the heap and freed ones are recycled with fragmentation, so the resident set depends on
+    what ran before. With a fixed threshold the resident set follows the live tensors. Call it first thing in a
+    process that measures CPU memory."""
+    _malloc_trim()
+    if not _LIBC:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(_LIBC.mallopt(m_mmap_threshold, threshold)) and bool(_LIBC.mallopt(m_trim_threshold, threshold))
+
+
 def cpu_peak_supported() -> tuple[bool, str]:
     """Whether the process peak RSS can be reset here (needs Linux /proc/self/clear_refs)."""
     try:
@@ -101,6 +115,25 @@ class MemoryProbe:
             peak = _proc_status_kib("VmHWM") * 1024
         self.peak_total = peak
         self.peak_extra = max(0, peak - self._before)
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many cores other processes kept busy over `seconds` (sampled from /proc/stat while this one sleeps)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return 0.0
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
 
 
 def load_average() -> list[float] | None:

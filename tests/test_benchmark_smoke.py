@@ -37,7 +37,9 @@ def tiny():
 
 
 def test_cli_smoke_writes_complete_result(tmp_path, capsys):
-    returned = bench_prefill.main(["--preset", "tiny", "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    returned = bench_prefill.main(
+        ["--preset", "tiny", "--smoke", "--threads", "1", "--cpu-memory", "inprocess", "--out", str(tmp_path)]
+    )
     assert "| mode | K | R |" in capsys.readouterr().out
     [path] = tmp_path.glob("bench_prefill_tiny_smoke_cpu_*.json")
     assert path.with_suffix(".md").exists()
@@ -75,6 +77,14 @@ def test_cli_smoke_writes_complete_result(tmp_path, capsys):
         assert check["mask_same_kept_positions"] and check["eager_fastv_same_kept_positions"]
         assert check["mask_vs_drop_max_abs_logit_diff"] < 1e-4
         assert check["eager_fastv_vs_drop_max_abs_logit_diff"] < 1e-4
+
+
+def test_cpu_memory_worker_measures_one_configuration_in_a_fresh_process():
+    args = bench_prefill.parse_args(["--preset", "tiny", "--smoke", "--threads", "1"])
+    memory = bench_prefill.run_memory_worker(args, "drop/K2/R32", 4)
+    assert set(memory) == {"prefill_peak_extra_bytes", "prefill_peak_total_bytes", "generate_4_peak_extra_bytes",
+                           "generate_4_peak_total_bytes"}
+    assert 0 < memory["prefill_peak_extra_bytes"] < memory["prefill_peak_total_bytes"]
 
 
 def _last_logits_and_kept(model, inputs, context):
