@@ -1044,7 +1044,7 @@ def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, ste
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for config in (Config("baseline"), Config("drop", k, rank), Config("mask", k, rank), Config("eager_fastv", k, rank)):
