@@ -605,7 +605,7 @@ def markdown(result: dict) -> str:
         f"## FastV prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
         "",
         f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
-        f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}",
+        f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}; commit {meta['git_commit']}",
         f"- command: `{meta['command']}`",
         f"- load average before/after: {meta['load_before']} / {meta['load_after']}; cores kept busy by other "
         f"processes just before the run: {fmt(meta['busy_cores_before'], '.1f')}; elapsed {meta['elapsed_s']:.0f} s",
@@ -946,7 +946,7 @@ def _run(argv=None) -> dict:
             "preset": args.preset, "smoke": args.smoke, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
             "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "git_commit": _git_commit(), "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
@@ -1062,6 +1062,22 @@ def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, ste
         log(f"\n#### profile: {config.key} (trace {trace})\n{table}")
     model.set_attn_implementation({"text_config": "sdpa"})
     return tables
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository this script lives in, with '+dirty' when tracked files are modified."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _cpu_name() -> str:
