@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """FastV prefill benchmark: speed-up and memory against the FLOPs ratio, mask-mode FastV and eager FastV.
 
-    python benchmarks/bench_prefill.py --preset scaled            # CPU, fp32, scaled LLaVA shapes (< 10 min, 2 cores)
+    python benchmarks/bench_prefill.py --preset scaled            # CPU, fp32, scaled LLaVA shapes (~7-8 min, 2 quiet cores)
     python benchmarks/bench_prefill.py --preset llava7b           # one CUDA GPU, fp16, LLaVA-1.5-7B shapes (< 5 min)
     python benchmarks/bench_prefill.py --preset llava7b --device cpu --smoke   # CPU crash check of the GPU path
 
@@ -13,8 +13,8 @@ Random weights are created directly on the device; nothing is downloaded. Modes,
     eager_baseline  unpruned model, eager attention
     eager_fastv     original FastV: eager attention, full layer K-1 attention weights, physical drop
 
-Timings are medians over rounds in which every configuration runs once, in a shuffled order (baseline several
-times per round), after a warm-up round, so that drift hits all configurations alike. "prefill" is one forward of
+Timings are medians over rounds in which every configuration runs once, in a shuffled order (the baseline again
+after every few configurations), after a warm-up round, so that drift hits all configurations alike. "prefill" is one forward of
 the whole model (vision tower, projector, decoder, last-position logits, KV cache filled), as `generate` does it;
 "decoder" is the Llama decoder's share of it (the part the FLOPs ratio describes), timed by hooks on its forward.
 """
@@ -40,10 +40,14 @@ import torch
 import transformers
 from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from fastv_advanced import FastVConfig, apply_fastv
-from fastv_advanced.flops import DecoderShape, prefill_flops
-from fastv_advanced.pruning import last_query_attention
-from fastv_advanced.strategies import get_strategy, run_strategy
+try:
+    import fastv_advanced  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`: use its src/ directly
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from fastv_advanced import FastVConfig, apply_fastv  # noqa: E402
+from fastv_advanced.flops import DecoderShape, prefill_flops  # noqa: E402
+from fastv_advanced.pruning import last_query_attention  # noqa: E402
+from fastv_advanced.strategies import get_strategy, run_strategy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
@@ -244,7 +248,6 @@ class Bench:
     inputs: dict
     device: torch.device
     n_image: int
-    deadline: float
     measure_memory_in_timed_runs: bool  # GPU: cheap and exact; CPU: a separate memory round instead
     samples: dict = field(default_factory=dict)  # key -> {"prefill_s": [...], "decoder_s": [...], ...}
     selections: dict = field(default_factory=dict)  # key -> kept positions [batch, S']
@@ -853,7 +856,7 @@ def _run(argv=None) -> dict:
     if busy:
         log(f"WARNING: {busy}")
     deadline = t_start + settings["time_budget_s"]
-    bench = Bench(model, inputs, device, n_image, deadline, measure_memory_in_timed_runs=device.type == "cuda")
+    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=device.type == "cuda")
     notes = [busy] if busy else []
 
     # the selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds
@@ -1008,7 +1011,7 @@ def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
     job = json.loads(args.memory_worker)
     vision = model.config.vision_config
     n_image = (vision.image_size // vision.patch_size) ** 2
-    bench = Bench(model, inputs, device, n_image, 0.0, measure_memory_in_timed_runs=False)
+    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=False)
     if job["key"] == "selection":
         result = {"selection_memory": selection_memory_scaling(model, device, dtype, job["seq_lens"],
                                                                preset.n_before_image, preset.n_after_image)}
@@ -1030,13 +1033,16 @@ def busy_machine_note(device: torch.device, busy: float | None) -> str | None:
     if device.type != "cpu" or busy is None:
         return None
     cores, threads = os.cpu_count() or 1, torch.get_num_threads()
-    if busy + threads > cores + 0.3:
-        return (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, and it uses {threads} "
-                f"torch threads: they compete for the cores, so timings are slower and noisier, and with more than "
-                f"one thread OpenMP threads wait on descheduled peers, which makes pruned runs (same operator count, "
-                f"fewer FLOPs) gain much less than they should; re-run on a quiet machine, or with "
-                f"--threads {max(1, int(cores - busy + 0.3))}")
-    return None
+    if busy + threads <= cores + 0.3:
+        return None
+    free = max(1, int(cores - busy + 0.3))
+    note = (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, which uses {threads} torch "
+            f"thread(s): timings are slower and noisier than on a quiet machine")
+    if threads > free:
+        note += (f"; with more threads than free cores, OpenMP threads wait on descheduled peers, which makes pruned "
+                 f"runs (same operator count, fewer FLOPs) gain much less than they should — re-run on a quiet "
+                 f"machine, or with --threads {free}")
+    return note
 
 
 def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, stem: str, log) -> dict:
