@@ -248,6 +248,9 @@ class FastVPruner:
 
     def _on_forward_start(self, module, args, kwargs):
         self._reset_forward_state()
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # a decode step (or a continuation): the selection was made at this cache's prefill
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
@@ -255,11 +258,9 @@ class FastVPruner:
             return None
         is_image = input_ids == self.image_token_id  # [batch, S]
         counts = is_image.sum(dim=1)
-        if int(counts.max()) == 0:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if cache is None or cache.get_seq_length() == 0:  # a new text-only prompt, not a decode step
-                self.last_selection = None
-                self._kept_positions = None
+        if int(counts.max()) == 0:  # a new text-only prompt: runs unpruned
+            self.last_selection = None
+            self._kept_positions = None
             return None
         if bool((counts != counts[0]).any()):
             raise ValueError(
@@ -339,7 +340,11 @@ class FastVPruner:
         top = scores.topk(prefill.num_kept, dim=-1).indices.sort(dim=-1).values  # [batch, R]
         keep = ~prefill.is_image
         keep.scatter_(1, prefill.image_positions.gather(1, top), True)
-        kept_positions = keep.nonzero()[:, 1].view(keep.shape[0], -1)  # [batch, S']
+        batch, seq_len = keep.shape
+        num_kept = seq_len - prefill.image_positions.shape[1] + prefill.num_kept
+        order = torch.arange(seq_len, device=keep.device).expand(batch, -1)
+        # Kept positions first, in order, without a host sync: dropped ones are pushed past seq_len and cut off.
+        kept_positions = torch.where(keep, order, order + seq_len).sort(dim=-1).values[:, :num_kept]  # [batch, S']
         return Selection(
             kept_image_indices=top,
             image_start=prefill.image_positions[:, 0],
