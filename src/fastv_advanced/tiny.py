@@ -8,6 +8,7 @@ and a byte-fallback BPE tokenizer trained in well under a second on a fixed corp
 from __future__ import annotations
 
 import json
+from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -36,8 +37,11 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 400) -> LlamaTokenizer:
-    """A Llama-style (Metaspace, byte-fallback BPE) tokenizer with `<image>` and `<pad>` added as special tokens."""
+def build_tokenizer(vocab_size: int = 400, corpus: Iterable[str] | None = None) -> LlamaTokenizer:
+    """A Llama-style (Metaspace, byte-fallback BPE) tokenizer with `<image>` and `<pad>` added as special tokens.
+
+    corpus: extra texts to train the merges on, after the built-in corpus (e.g. a dataset's questions).
+    """
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
@@ -47,7 +51,7 @@ def build_tokenizer(vocab_size: int = 400) -> LlamaTokenizer:
         show_progress=False,
         initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:?'\n"),
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator(_CORPUS * 4 + list(corpus or []), trainer=trainer)
     model_state = json.loads(bpe.model.__getstate__())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]]
     tokenizer = LlamaTokenizer(vocab=model_state["vocab"], merges=merges, legacy=False, add_prefix_space=True)

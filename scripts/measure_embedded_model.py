@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Measure the embedded tiny LLaVA on the shipped synthetic test split: baseline, every image token dropped, and
+each token-selection strategy at 50% and 25% of the image tokens kept.
+
+    python scripts/measure_embedded_model.py                 # prints the table, records it in training_info.json
+    python scripts/measure_embedded_model.py --no-record     # only prints
+
+The model and processor are loaded from disk (`AutoProcessor`, `LlavaForConditionalGeneration.from_pretrained`),
+questions and images are read from the question file and image folder, prompts are built by
+`fastv_advanced.prompting.build_inputs(..., single_pred_prompt=True)`, answers come from greedy decoding and are read
+by LLaVA's ScienceQA parser (`fastv_advanced.answers.parse_answer`: exact letter, letter + ". ", "The answer is X.",
+else FAILED). Pruning is `fastv_advanced.apply_fastv(model, FastVConfig(agg_layer=2, attention_rank=R, ...))`;
+the `random` control's generator is reseeded with the question's index before each question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from fastv_advanced import FastVConfig, apply_fastv, prompting
+from fastv_advanced.answers import parse_answer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-llava-scienceqa"
+DEFAULT_QUESTIONS = REPO_ROOT / "data" / "scienceqa" / "himap-inference-MCQ.json"
+DEFAULT_IMAGES = REPO_ROOT / "data" / "scienceqa" / "images" / "test"
+STRATEGIES = (
+    ("avg_all_heads", {}),
+    ("max_head", {}),
+    ("weighted_combination", {"weighted_alpha": 0.5}),
+    ("random", {}),
+)
+MAX_NEW_TOKENS = 32
+
+
+def load_model(model_path, device: str = "cpu") -> tuple[LlavaForConditionalGeneration, object]:
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = LlavaForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    return model, processor
+
+
+def load_questions(question_file, image_folder, limit: int | None = None) -> list[dict]:
+    """[{id, text, label, image (PIL RGB)}] in file order."""
+    entries = json.loads(Path(question_file).read_text(encoding="utf-8"))
+    if limit is not None:
+        entries = entries[:limit]
+    questions = []
+    for entry in entries:
+        with Image.open(Path(image_folder) / entry["image"]) as image:
+            rgb = image.convert("RGB")
+        questions.append({"id": entry["id"], "text": entry["conversations"][0]["value"],
+                          "label": entry["conversations"][1]["value"], "image": rgb})
+    return questions
+
+
+@torch.no_grad()
+def answer(model, processor, question: dict) -> str:
+    """The model's greedy output for one question (special tokens removed, stripped)."""
+    _, inputs = prompting.build_inputs(question["text"], question["image"], processor, model.config,
+                                       single_pred_prompt=True)
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate(model, processor, questions: list[dict], fastv: FastVConfig | None = None) -> list[bool]:
+    """Per question, whether the parsed answer equals the label (FAILED counts as wrong)."""
+    pruner = apply_fastv(model, fastv) if fastv is not None else None
+    try:
+        correct = []
+        for index, question in enumerate(questions):
+            if pruner is not None:
+                pruner.reseed(fastv.seed + index)
+            correct.append(parse_answer(answer(model, processor, question)) == question["label"])
+        return correct
+    finally:
+        if pruner is not None:
+            pruner.remove()
+
+
+def run_table(model, processor, questions: list[dict], slice_size: int, agg_layer: int = 2) -> dict:
+    """Every measured configuration: accuracy, counts, time, and the correct count on the first `slice_size`."""
+    num_image = prompting.num_image_tokens(model.config)
+    configs = [("baseline", None), ("rank 0 (all image tokens dropped)", FastVConfig(agg_layer=agg_layer,
+                                                                                    attention_rank=0))]
+    for rank in (num_image // 2, num_image // 4):
+        for name, extra in STRATEGIES:
+            configs.append((f"{name} R={rank}", FastVConfig(agg_layer=agg_layer, attention_rank=rank,
+                                                           token_selection_method=name, **extra)))
+    rows = []
+    for label, fastv in configs:
+        start = time.perf_counter()
+        correct = evaluate(model, processor, questions, fastv)
+        rows.append({
+            "configuration": label,
+            "strategy": None if fastv is None else fastv.token_selection_method,
+            "attention_rank": num_image if fastv is None else fastv.attention_rank,
+            "kept_fraction": 1.0 if fastv is None else fastv.attention_rank / num_image,
+            "weighted_alpha": fastv.weighted_alpha if fastv is not None and fastv.token_selection_method ==
+            "weighted_combination" else None,
+            "correct": sum(correct),
+            "total": len(correct),
+            "accuracy": round(sum(correct) / len(correct), 4),
+            f"correct_first_{slice_size}": sum(correct[:slice_size]),
+            "seconds": round(time.perf_counter() - start, 1),
+        })
+        print(f"{label:<40} {rows[-1]['accuracy']:.4f}  ({rows[-1]['correct']}/{rows[-1]['total']})", flush=True)
+    return {"agg_layer": agg_layer, "rows": rows}
+
+
+def chance(questions: list[dict]) -> float:
+    """Expected accuracy of a uniform guess among each question's options."""
+    counts = [sum(1 for line in q["text"].split("\n") if line[:3] in {f"{c}. " for c in "ABCDE"}) for q in questions]
+    return sum(1 / n for n in counts) / len(counts)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'configuration':<40} {'kept':>6} {'accuracy':>9} {'correct':>9}", "-" * 68]
+    for row in result["rows"]:
+        lines.append(f"{row['configuration']:<40} {row['kept_fraction']:>6.0%} {row['accuracy']:>9.4f} "
+                     f"{row['correct']:>4}/{row['total']:<4}")
+    lines.append(f"chance (mean 1/options): {result['chance_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", default=str(DEFAULT_MODEL))
+    parser.add_argument("--question-file", default=str(DEFAULT_QUESTIONS))
+    parser.add_argument("--image-folder", default=str(DEFAULT_IMAGES))
+    parser.add_argument("--num-samples", type=int, default=None, help="first N questions (default: all)")
+    parser.add_argument("--slice-size", type=int, default=30, help="also record the correct count of the first N")
+    parser.add_argument("--agg-layer", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-record", action="store_true", help="do not write into <model-path>/training_info.json")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model_path, args.device)
+    questions = load_questions(args.question_file, args.image_folder, args.num_samples)
+    start = time.perf_counter()
+    result = run_table(model, processor, questions, args.slice_size, args.agg_layer)
+    result.update({
+        "question_file": str(Path(args.question_file).resolve().relative_to(REPO_ROOT))
+        if Path(args.question_file).resolve().is_relative_to(REPO_ROOT) else args.question_file,
+        "question_file_sha256": hashlib.sha256(Path(args.question_file).read_bytes()).hexdigest(),
+        "num_questions": len(questions),
+        "slice_size": args.slice_size,
+        "chance_accuracy": round(chance(questions), 4),
+        "decoding": f"greedy, max_new_tokens={MAX_NEW_TOKENS}, LLaVA ScienceQA answer parser",
+        "seconds": round(time.perf_counter() - start, 1),
+        "torch_threads": args.threads,
+        "device": args.device,
+    })
+    print(format_table(result))
+    if not args.no_record:
+        info_path = Path(args.model_path) / "training_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info["accuracy"] = result
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+        print(f"recorded in {info_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Train the embedded tiny LLaVA from scratch on the synthetic ScienceQA-style set (CPU, minutes).
+
+    python scripts/train_tiny_llava.py                      # writes models/tiny-llava-scienceqa/
+    python scripts/train_tiny_llava.py --steps 200 --output /tmp/try   # a quick try
+
+The model has LLaVA-1.5's geometry at toy width: a CLIP vision tower at 336 px with 14 px patches (24 x 24 = 576
+image tokens, CLS dropped, features of the penultimate layer), the two-layer GELU projector and a small Llama
+decoder, with a BPE tokenizer trained on the training questions' words. Every example is built exactly as the
+evaluation builds it (`fastv_advanced.prompting.build_inputs(..., single_pred_prompt=True)`: vicuna_v1 prompt,
+chunk-wise image tokens, pad-to-square preprocessing); the loss is on the answer only: the letter as the tokenizer
+encodes it after `ASSISTANT:` (`▁B`), then EOS. Training is deterministic for a given seed, thread count and
+machine: `torch.manual_seed`, a seeded data order, and questions regenerated from their own seeds.
+
+Afterwards the model and processor are saved with `save_pretrained` (fp32), `scripts/measure_embedded_model.py`
+measures the accuracy table on the test split, and everything goes into `training_info.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastv_advanced import FastVConfig, apply_fastv, prompting, synthetic, tiny
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = REPO_ROOT / "models" / "tiny-llava-scienceqa"
+VALIDATION_SEED, VALIDATION_ID_START = 4241, 200001
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where the model and processor are saved")
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    parser.add_argument("--train-seed", type=int, default=synthetic.TRAIN_SEED, help="seed of the training questions")
+    parser.add_argument("--num-train", type=int, default=12000, help="training questions (generated in memory)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decay ends at lr * this")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--vocab-size", type=int, default=640)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--intermediate-size", type=int, default=384)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--vision-hidden-size", type=int, default=64)
+    parser.add_argument("--vision-layers", type=int, default=3, help="the last one is unused (feature layer -2)")
+    parser.add_argument("--option-order", default=synthetic.DEFAULT_RECIPE.option_order,
+                        choices=["fixed", "sorted", "shuffled"], help="synthetic.Recipe.option_order of the training set")
+    parser.add_argument("--grid", default="x".join(map(str, synthetic.DEFAULT_RECIPE.grid)),
+                        choices=["x".join(map(str, g)) for g in synthetic.POSITION_NAMES], help="ROWSxCOLUMNS")
+    parser.add_argument("--question-types", default=",".join(f"{n}:{w}" for n, w in synthetic.DEFAULT_RECIPE.question_types),
+                        help="type:weight pairs, e.g. colour:0.4,shape:0.4,yes_no:0.2")
+    parser.add_argument("--curriculum", default="",
+                        help="simpler pictures first: comma-separated FRACTION:OBJECTS stages, e.g. 0.15:1,0.3:2 trains "
+                             "the first 15%% of the steps on pictures with 1 object, up to 30%% with 2, then the recipe")
+    parser.add_argument("--position-init", default="sincos", choices=["sincos", "random"],
+                        help="initial CLIP patch position embeddings (see init_position_embeddings)")
+    parser.add_argument("--num-validation", type=int, default=200, help="held-out questions for progress checks")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between validation checks (0: never)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the timing depends on it)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-measure", action="store_true", help="do not run the accuracy table afterwards")
+    parser.add_argument("--write-train-split", default=None, metavar="DIR",
+                        help="also write the training questions and images to DIR (e.g. outputs/synthetic_train)")
+    return parser.parse_args(argv)
+
+
+def recipe_from_args(args) -> synthetic.Recipe:
+    """The training set's recipe: the default one (that of the shipped test split) unless overridden."""
+    types = tuple((name, float(weight)) for name, weight in (pair.split(":") for pair in args.question_types.split(",")))
+    grid = tuple(int(n) for n in args.grid.split("x"))
+    recipe = synthetic.Recipe(grid=grid, option_order=args.option_order, question_types=types)
+    if recipe.num_cells != synthetic.DEFAULT_RECIPE.num_cells:
+        recipe = dataclasses.replace(recipe, min_objects=min(2, recipe.num_cells), max_objects=min(4, recipe.num_cells))
+    return recipe
+
+
+def curriculum_stages(args, recipe: synthetic.Recipe) -> list[dict]:
+    """`--curriculum` stages: steps [start, end) train on pictures with a fixed number of objects.
+
+    Stage i draws its questions from seed `train_seed + 100000 * (i + 1)` (the main split keeps `train_seed`), one
+    fresh question per example.
+    """
+    stages, start = [], 0
+    for index, part in enumerate(filter(None, args.curriculum.split(","))):
+        fraction, objects = part.split(":")
+        end = round(float(fraction) * args.steps)
+        stage_recipe = dataclasses.replace(recipe, min_objects=int(objects), max_objects=int(objects))
+        seed = args.train_seed + 100000 * (index + 1)
+        questions = synthetic.generate_split(seed, (end - start) * args.batch_size, synthetic.TRAIN_ID_START, stage_recipe)
+        stages.append({"start_step": start, "end_step": end, "objects": int(objects), "seed": seed,
+                       "questions": questions})
+        start = end
+    return stages
+
+
+def init_position_embeddings(model, scale: float = 0.5) -> None:
+    """Start CLIP's patch position embeddings from a 2-D sine-cosine table (as MAE does) instead of N(0, 0.02).
+
+    Half of the channels encode the patch row, half the column, at wavelengths from 2 to 4x the grid side; the CLS
+    position stays zero. With random 0.02-scale embeddings the patches hardly know where they are, and a question
+    about one region of the picture cannot be learned before the positions are (a long plateau on these CPUs).
+    The table is only the starting point: the embeddings are trained with everything else.
+    """
+    embeddings = model.model.vision_tower.embeddings
+    side = int(round(embeddings.num_patches**0.5))
+    per_axis = embeddings.embed_dim // 2
+    num_freq = per_axis // 2
+    wavelengths = 2.0 * (2.0 * side) ** (torch.arange(num_freq, dtype=torch.float32) / max(1, num_freq - 1))
+    omega = 2 * math.pi / wavelengths  # [num_freq]
+    index = torch.arange(side, dtype=torch.float32)[:, None] * omega[None]  # [side, num_freq]
+    axis = torch.cat([index.sin(), index.cos()], dim=1)  # [side, per_axis]
+    rows = axis[:, None, :].expand(side, side, per_axis)
+    cols = axis[None, :, :].expand(side, side, per_axis)
+    table = torch.cat([rows, cols], dim=-1).reshape(side * side, 2 * per_axis)  # row-major, like the patches
+    with torch.no_grad():
+        weight = embeddings.position_embedding.weight  # [1 + side * side, embed_dim]
+        weight.zero_()
+        weight[1:, : 2 * per_axis] = scale * table
+
+
+def answer_ids(tokenizer, letter: str) -> list[int]:
+    """The answer tokens after `ASSISTANT:`: the letter as the tokenizer encodes it (`▁B`), then EOS."""
+    return tokenizer(letter, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def encode(question: synthetic.SyntheticQuestion, processor, config) -> tuple[list[int], list[int], torch.Tensor]:
+    """(input ids, labels, pixel values [3, H, W]) of one training example: the evaluation's prompt + the answer."""
+    text = question.entry["conversations"][0]["value"]
+    _, inputs = prompting.build_inputs(text, question.render(), processor, config, single_pred_prompt=True)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    target = answer_ids(processor.tokenizer, question.answer)
+    return prompt_ids + target, [-100] * len(prompt_ids) + target, inputs["pixel_values"][0]
+
+
+def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: real tokens keep positions 0..S-1 as in unpadded evaluation."""
+    length = max(len(ids) for ids, _, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, lab, _) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention_mask[row, : len(ids)] = 1
+    pixel_values = torch.stack([pixels for _, _, pixels in examples])
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def learning_rate(step: int, args) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def first_token_accuracy(model, processor, questions, device) -> float:
+    """Share of questions whose answer letter is the argmax after the prompt (teacher-forced, one forward each)."""
+    model.eval()
+    correct = 0
+    for question in questions:
+        text = question.entry["conversations"][0]["value"]
+        _, inputs = prompting.build_inputs(text, question.render(), processor, model.config, single_pred_prompt=True)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1).logits[0, -1]
+        correct += int(logits.argmax()) == answer_ids(processor.tokenizer, question.answer)[0]
+    model.train()
+    return correct / len(questions)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    recipe = recipe_from_args(args)
+    train = synthetic.generate_split(args.train_seed, args.num_train, synthetic.TRAIN_ID_START, recipe)
+    stages = curriculum_stages(args, recipe)
+    validation = synthetic.generate_split(VALIDATION_SEED, args.num_validation, VALIDATION_ID_START, recipe)
+    if args.write_train_split:
+        folder = Path(args.write_train_split)
+        synthetic.write_split(train, folder / "train.json", folder / "images")
+
+    tokenizer = tiny.build_tokenizer(args.vocab_size, corpus=synthetic.corpus(train))
+    processor = tiny.build_processor(image_size=synthetic.IMAGE_SIZE, patch_size=14, tokenizer=tokenizer)
+    config = tiny.build_config(
+        tokenizer,
+        image_size=synthetic.IMAGE_SIZE,
+        patch_size=14,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        vision_hidden_size=args.vision_hidden_size,
+        vision_layers=args.vision_layers,
+    )
+    assert prompting.num_image_tokens(config) == 576, "the embedded model must have LLaVA-1.5's 576 image tokens"
+    model = tiny.build_model(config, seed=args.seed, qk_scale=1.0)
+    if args.position_init == "sincos":
+        init_position_embeddings(model)
+    model.to(device)
+    model.train()
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {num_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+    order_generator = torch.Generator().manual_seed(args.seed)
+    order: list[int] = []
+    history = []
+    start = time.perf_counter()
+    progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
+    running = running_hits = None
+    for step in progress:
+        stage = next((st for st in stages if step < st["end_step"]), None)
+        if stage is not None:  # a curriculum stage: its own questions, in order (each seen once)
+            first = (step - stage["start_step"]) * args.batch_size
+            examples = stage["questions"][first : first + args.batch_size]
+        else:
+            batch_indices = []
+            while len(batch_indices) < args.batch_size:
+                if not order:
+                    order = torch.randperm(len(train), generator=order_generator).tolist()
+                batch_indices.append(order.pop())
+            examples = [train[i] for i in batch_indices]
+        batch = collate([encode(q, processor, config) for q in examples], tokenizer.pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        output = model(**{k: v.to(device) for k, v in batch.items()})
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():  # is the answer letter the argmax where it is predicted (the last prompt position)?
+            labels = batch["labels"].to(device)
+            first = (labels != -100).int().argmax(dim=1)  # position of the letter
+            rows = torch.arange(labels.shape[0], device=device)
+            hits = (output.logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
+        running = output.loss.item() if running is None else 0.95 * running + 0.05 * output.loss.item()
+        running_hits = hits if running_hits is None else 0.95 * running_hits + 0.05 * hits
+        progress.set_postfix(loss=f"{running:.3f}", acc=f"{running_hits:.2f}", lr=f"{learning_rate(step, args):.1e}")
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            accuracy = first_token_accuracy(model, processor, validation, device)
+            with apply_fastv(model, FastVConfig(agg_layer=2, attention_rank=0)):
+                blind = first_token_accuracy(model, processor, validation, device)
+            history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
+                            "validation_first_token_accuracy": accuracy,
+                            "validation_rank0_first_token_accuracy": blind,
+                            "seconds": round(time.perf_counter() - start, 1)})
+            tqdm.write(f"step {step + 1}: loss {running:.4f}, train accuracy {running_hits:.3f}, "
+                       f"validation accuracy {accuracy:.3f}, "
+                       f"with every image token dropped at K=2 {blind:.3f}")
+    training_seconds = time.perf_counter() - start
+
+    model.eval()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(output)
+    processor.save_pretrained(output)
+    info = {
+        "description": "Tiny LLaVA trained from scratch on the synthetic ScienceQA-style set "
+                       "(fastv_advanced.synthetic); see docs/embedded_demo.md",
+        "command": "python scripts/train_tiny_llava.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "train_seed": args.train_seed,
+        "num_train_questions": args.num_train,
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_is_default": recipe == synthetic.DEFAULT_RECIPE,
+        "curriculum": [{k: v for k, v in st.items() if k != "questions"} for st in stages],
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "examples_seen": args.steps * args.batch_size,
+        "position_init": args.position_init,
+        "optimizer": {"name": "AdamW", "lr": args.lr, "warmup_steps": args.warmup_steps, "schedule": "cosine",
+                      "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay, "grad_clip": 1.0},
+        "training_seconds": round(training_seconds, 1),
+        "torch_threads": args.threads,
+        "device": args.device,
+        "machine": machine_description(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "num_parameters": num_params,
+        "saved_dtype": "float32",
+        "shapes": {
+            "image_size": config.vision_config.image_size, "patch_size": config.vision_config.patch_size,
+            "image_tokens": prompting.num_image_tokens(config),
+            "vision_hidden_size": args.vision_hidden_size, "vision_layers": args.vision_layers,
+            "vision_feature_layer": config.vision_feature_layer,
+            "text_hidden_size": args.hidden_size, "text_intermediate_size": args.intermediate_size,
+            "text_layers": args.num_layers, "text_heads": args.num_heads, "text_kv_heads": args.num_kv_heads,
+            "vocab_size": len(tokenizer),
+        },
+        "history": history,
+    }
+    (output / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"saved to {output} after {training_seconds:.0f} s of training", flush=True)
+
+    if not args.skip_measure:
+        measure = [sys.executable, str(Path(__file__).with_name("measure_embedded_model.py")), "--model-path",
+                   str(output), "--threads", str(args.threads)]
+        return subprocess.call(measure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
