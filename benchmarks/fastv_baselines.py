@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fastv_advanced import FastVConfig
-from fastv_advanced.pruning import last_query_attention
+from fastv_advanced.pruning import _gather_rows as _gather, last_query_attention
 from fastv_advanced.strategies import get_strategy, run_strategy
 
 
@@ -54,16 +54,6 @@ def _select(attention: torch.Tensor, image_positions: torch.Tensor, is_image: to
     keep.scatter_(1, image_positions.gather(1, top), True)  # [batch, S]
     kept_positions = keep.nonzero()[:, 1].view(keep.shape[0], -1)  # [batch, S']
     return BaselineSelection(top, kept_positions, keep)
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per batch row, positions `index` [batch, n] along `dim` of x [batch or 1, ...]."""
-    x = x.expand(index.shape[0], *x.shape[1:])
-    view = [1] * x.dim()
-    view[0], view[dim] = index.shape
-    size = list(x.shape)
-    size[dim] = index.shape[1]
-    return x.gather(dim, index.view(view).expand(size))
 
 
 class _HookedFastV:
