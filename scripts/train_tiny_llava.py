@@ -84,7 +84,8 @@ def recipe_from_args(args) -> synthetic.Recipe:
     """The training set's recipe: the default one (that of the shipped test split) unless overridden."""
     types = tuple((name, float(weight)) for name, weight in (pair.split(":") for pair in args.question_types.split(",")))
     grid = tuple(int(n) for n in args.grid.split("x"))
-    recipe = synthetic.Recipe(grid=grid, option_order=args.option_order, question_types=types)
+    recipe = dataclasses.replace(synthetic.DEFAULT_RECIPE, grid=grid, option_order=args.option_order,
+                                 question_types=types)
     if recipe.num_cells != synthetic.DEFAULT_RECIPE.num_cells:
         recipe = dataclasses.replace(recipe, min_objects=min(2, recipe.num_cells), max_objects=min(4, recipe.num_cells))
     return recipe
