@@ -65,14 +65,17 @@ def _write_json(path, data) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-def _write_tokenizer(directory, with_pad: bool) -> None:
-    """A Llama-style sentencepiece tokenizer (bpe, byte fallback) + the original tokenizer_config/special tokens."""
+def _write_tokenizer(directory, with_pad: bool, corpus=_CORPUS, **trainer_options) -> None:
+    """A Llama-style sentencepiece tokenizer (bpe, byte fallback) + the original tokenizer_config/special tokens.
+
+    `trainer_options` override the `SentencePieceTrainer` settings below.
+    """
+    options = dict(vocab_size=VOCAB, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+                   remove_extra_whitespaces=False, minloglevel=2)
+    options.update(trainer_options)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS), model_writer=model, vocab_size=VOCAB, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, **options)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     special = {name: _added_token(text) for name, text in (("bos_token", "<s>"), ("eos_token", "</s>"),
                                                            ("unk_token", "<unk>"))}

@@ -15,15 +15,12 @@ kept, whitespace-only pieces such as "▁▁") so that the same cases occur: a l
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 from test_original_checkpoint import (
     LLAMA_FIELDS,
-    _added_token,
     _original_config,
     _projector_weights,
     _save_tower,
@@ -71,22 +68,8 @@ RAW_PROMPTS = [
 
 def _write_llama_like_tokenizer(directory) -> None:
     """tokenizer.model trained with Llama's sentencepiece settings + the original tokenizer_config/special tokens."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_LLAMA_LIKE_CORPUS), model_writer=model, vocab_size=600, hard_vocab_limit=False,
-        model_type="bpe", byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
-    )
-    (directory / "tokenizer.model").write_bytes(model.getvalue())
-    special = {name: _added_token(text) for name, text in (("bos_token", "<s>"), ("eos_token", "</s>"),
-                                                           ("unk_token", "<unk>"))}
-    _write_json(directory / "tokenizer_config.json", {
-        **special, "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "legacy": False, "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-    })
-    _write_json(directory / "special_tokens_map.json", {**special, "pad_token": "<unk>"})
+    _write_tokenizer(directory, with_pad=True, corpus=_LLAMA_LIKE_CORPUS, vocab_size=600, hard_vocab_limit=False,
+                     allow_whitespace_only_pieces=True, add_dummy_prefix=True)
 
 
 @pytest.fixture(scope="module")
