@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded tiny LLaVA from scratch on the synthetic ScienceQA-style set (CPU, minutes).
 
-    python scripts/train_tiny_llava.py                      # writes models/tiny-llava-scienceqa/
+    python scripts/train_tiny_llava.py                      # reproduces models/tiny-llava-scienceqa/ (~8 min)
     python scripts/train_tiny_llava.py --steps 200 --output /tmp/try   # a quick try
 
 The model has LLaVA-1.5's geometry at toy width: a CLIP vision tower at 336 px with 14 px patches (24 x 24 = 576
@@ -9,8 +9,16 @@ image tokens, CLS dropped, features of the penultimate layer), the two-layer GEL
 decoder, with a BPE tokenizer trained on the training questions' words. Every example is built exactly as the
 evaluation builds it (`fastv_advanced.prompting.build_inputs(..., single_pred_prompt=True)`: vicuna_v1 prompt,
 chunk-wise image tokens, pad-to-square preprocessing); the loss is on the answer only: the letter as the tokenizer
-encodes it after `ASSISTANT:` (`▁B`), then EOS. Training is deterministic for a given seed, thread count and
-machine: `torch.manual_seed`, a seeded data order, and questions regenerated from their own seeds.
+encodes it after `ASSISTANT:` (`▁B`), then EOS.
+
+Curriculum (on by default, `--swap-image-layers 2`): during training, text tokens in decoder layers 0-1 attend to
+the image tokens of ANOTHER example of the batch, so what they read there is unrelated to the answer; the model has
+to read its own picture in layers 2-3, as the pruning at K=2 assumes. Without it this 4-layer decoder reads the
+picture in layer 0 and no pruning after layer 1 changes its answers (docs/embedded_demo.md). The saved model is a
+plain LlavaForConditionalGeneration; validation and every measurement run it without the curriculum.
+
+Training is deterministic for a given seed, thread count and machine: `torch.manual_seed`, a seeded data order,
+and questions regenerated from their own seeds.
 
 Afterwards the model and processor are saved with `save_pretrained` (fp32), `scripts/measure_embedded_model.py`
 measures the accuracy table on the test split, and everything goes into `training_info.json`.
@@ -45,10 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--train-seed", type=int, default=synthetic.TRAIN_SEED, help="seed of the training questions")
     parser.add_argument("--num-train", type=int, default=12000, help="training questions (generated in memory)")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup-steps", type=int, default=150)
+    parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decay ends at lr * this")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--vocab-size", type=int, default=640)
@@ -65,14 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         choices=["x".join(map(str, g)) for g in synthetic.POSITION_NAMES], help="ROWSxCOLUMNS")
     parser.add_argument("--question-types", default=",".join(f"{n}:{w}" for n, w in synthetic.DEFAULT_RECIPE.question_types),
                         help="type:weight pairs, e.g. colour:0.4,shape:0.4,yes_no:0.2")
+    parser.add_argument("--size-range", default=None, metavar="LO,HI",
+                        help="object size as a fraction of the cell side (synthetic.Recipe.size_range); "
+                             "default: the shipped recipe's")
+    parser.add_argument("--swap-image-layers", type=int, default=2, metavar="N",
+                        help="training curriculum: in decoder layers 0..N-1 text tokens see another example's image "
+                             "(see ImageSwappedForText), so the model learns to read its own picture in layers >= N; "
+                             "0 trains without it")
     parser.add_argument("--curriculum", default="",
                         help="simpler pictures first: comma-separated FRACTION:OBJECTS stages, e.g. 0.15:1,0.3:2 trains "
                              "the first 15%% of the steps on pictures with 1 object, up to 30%% with 2, then the recipe")
     parser.add_argument("--position-init", default="sincos", choices=["sincos", "random"],
                         help="initial CLIP patch position embeddings (see init_position_embeddings)")
-    parser.add_argument("--num-validation", type=int, default=200, help="held-out questions for progress checks")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between validation checks (0: never)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the timing depends on it)")
+    parser.add_argument("--num-validation", type=int, default=100, help="held-out questions for progress checks")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation checks (0: never)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the timing and, in the last digits, the weights depend on it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-measure", action="store_true", help="do not run the accuracy table afterwards")
     parser.add_argument("--write-train-split", default=None, metavar="DIR",
@@ -86,6 +102,8 @@ def recipe_from_args(args) -> synthetic.Recipe:
     grid = tuple(int(n) for n in args.grid.split("x"))
     recipe = dataclasses.replace(synthetic.DEFAULT_RECIPE, grid=grid, option_order=args.option_order,
                                  question_types=types)
+    if args.size_range:
+        recipe = dataclasses.replace(recipe, size_range=tuple(float(v) for v in args.size_range.split(",")))
     if recipe.num_cells != synthetic.DEFAULT_RECIPE.num_cells:
         recipe = dataclasses.replace(recipe, min_objects=min(2, recipe.num_cells), max_objects=min(4, recipe.num_cells))
     return recipe
@@ -108,6 +126,53 @@ def curriculum_stages(args, recipe: synthetic.Recipe) -> list[dict]:
                        "questions": questions})
         start = end
     return stages
+
+
+class ImageSwappedForText:
+    """Training-time curriculum: in decoder layers 0..N-1, text tokens see ANOTHER example's image tokens.
+
+    While it is enabled, the attention of those layers (SDPA, swapped in for this process only) gives each text
+    query the keys and values of the image tokens of the next batch row (`roll(1)`) instead of its own; image tokens
+    still attend to their own image. What text reads from the picture in the first N layers is then unrelated to the
+    answer, so training learns to take the answer from layers >= N and to ignore what the early layers read. All
+    rows must hold their image tokens at the same positions (true for LLaVA prompts: the image follows the same
+    system prompt). `remove()` restores the plain attention function.
+    """
+
+    def __init__(self, model, image_token_id: int, num_layers: int):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.functions = ALL_ATTENTION_FUNCTIONS
+        self.sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        self.image_token_id = image_token_id
+        self.targets = {id(layer.self_attn) for layer in model.model.language_model.layers[:num_layers]}
+        self.mask: torch.Tensor | None = None
+        self.enabled = True
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = self._attention
+
+    def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """input_ids, attention_mask: [B, S]; builds the [B, 1, S, 2S] mask over (own keys, next row's keys)."""
+        is_image = input_ids == self.image_token_id  # [B, S]
+        if not bool((is_image == is_image[:1]).all()):
+            raise ValueError("ImageSwappedForText needs the image tokens at the same positions in every row")
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # [1, S, S]
+        text_query_image_key = (~is_image)[:, :, None] & is_image[:, None, :]  # [B, S, S]
+        own = causal & attention_mask.bool()[:, None, :] & ~text_query_image_key
+        swapped = causal & text_query_image_key
+        self.mask = torch.cat([own, swapped], dim=-1)[:, None]  # [B, 1, S, 2S]
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        """query [B, H, S, D], key/value [B, Hkv, S, D] (after RoPE)."""
+        if not (self.enabled and id(module) in self.targets and self.mask is not None):
+            return self.sdpa(module, query, key, value, attention_mask, **kwargs)
+        key = torch.cat([key, key.roll(1, dims=0)], dim=2)
+        value = torch.cat([value, value.roll(1, dims=0)], dim=2)
+        kwargs.pop("is_causal", None)
+        return self.sdpa(module, query, key, value, self.mask, is_causal=False, **kwargs)
+
+    def remove(self) -> None:
+        self.functions["sdpa"] = self.sdpa
 
 
 def init_position_embeddings(model, scale: float = 0.5) -> None:
@@ -230,6 +295,9 @@ def main(argv=None) -> int:
         init_position_embeddings(model)
     model.to(device)
     model.train()
+    swap_image = None
+    if args.swap_image_layers:
+        swap_image = ImageSwappedForText(model, config.image_token_id, args.swap_image_layers)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {num_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}", flush=True)
 
@@ -245,45 +313,59 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
     running = running_hits = None
-    for step in progress:
-        stage = next((st for st in stages if step < st["end_step"]), None)
-        if stage is not None:  # a curriculum stage: its own questions, in order (each seen once)
-            first = (step - stage["start_step"]) * args.batch_size
-            examples = stage["questions"][first : first + args.batch_size]
-        else:
-            batch_indices = []
-            while len(batch_indices) < args.batch_size:
-                if not order:
-                    order = torch.randperm(len(train), generator=order_generator).tolist()
-                batch_indices.append(order.pop())
-            examples = [train[i] for i in batch_indices]
-        batch = collate([encode(q, processor, config) for q in examples], tokenizer.pad_token_id)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        output = model(**{k: v.to(device) for k, v in batch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():  # is the answer letter the argmax where it is predicted (the last prompt position)?
-            labels = batch["labels"].to(device)
-            first = (labels != -100).int().argmax(dim=1)  # position of the letter
-            rows = torch.arange(labels.shape[0], device=device)
-            hits = (output.logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
-        running = output.loss.item() if running is None else 0.95 * running + 0.05 * output.loss.item()
-        running_hits = hits if running_hits is None else 0.95 * running_hits + 0.05 * hits
-        progress.set_postfix(loss=f"{running:.3f}", acc=f"{running_hits:.2f}", lr=f"{learning_rate(step, args):.1e}")
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            accuracy = first_token_accuracy(model, processor, validation, device)
-            with apply_fastv(model, FastVConfig(agg_layer=2, attention_rank=0)):
-                blind = first_token_accuracy(model, processor, validation, device)
-            history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
-                            "validation_first_token_accuracy": accuracy,
-                            "validation_rank0_first_token_accuracy": blind,
-                            "seconds": round(time.perf_counter() - start, 1)})
-            tqdm.write(f"step {step + 1}: loss {running:.4f}, train accuracy {running_hits:.3f}, "
-                       f"validation accuracy {accuracy:.3f}, "
-                       f"with every image token dropped at K=2 {blind:.3f}")
+    try:
+        for step in progress:
+            stage = next((st for st in stages if step < st["end_step"]), None)
+            if stage is not None:  # a curriculum stage: its own questions, in order (each seen once)
+                first = (step - stage["start_step"]) * args.batch_size
+                examples = stage["questions"][first : first + args.batch_size]
+            else:
+                batch_indices = []
+                while len(batch_indices) < args.batch_size:
+                    if not order:
+                        order = torch.randperm(len(train), generator=order_generator).tolist()
+                    batch_indices.append(order.pop())
+                examples = [train[i] for i in batch_indices]
+            batch = collate([encode(q, processor, config) for q in examples], tokenizer.pad_token_id)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            if swap_image is not None:
+                swap_image.enabled = True
+                swap_image.set_batch(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            output = model(**{k: v.to(device) for k, v in batch.items()})
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():  # is the answer letter the argmax where it is predicted (the last prompt position)?
+                labels = batch["labels"].to(device)
+                first = (labels != -100).int().argmax(dim=1)  # position of the letter
+                rows = torch.arange(labels.shape[0], device=device)
+                hits = (output.logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
+            running = output.loss.item() if running is None else 0.95 * running + 0.05 * output.loss.item()
+            running_hits = hits if running_hits is None else 0.95 * running_hits + 0.05 * hits
+            progress.set_postfix(loss=f"{running:.3f}", acc=f"{running_hits:.2f}", lr=f"{learning_rate(step, args):.1e}")
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                if swap_image is not None:
+                    swap_image.enabled = False  # validation measures the plain model
+                accuracy = first_token_accuracy(model, processor, validation, device)
+                pruned = {}
+                for name, method, rank in (("rank0", "avg_all_heads", 0), ("quarter_avg_all_heads", "avg_all_heads", 144),
+                                           ("quarter_random", "random", 144)):
+                    fastv = FastVConfig(agg_layer=2, attention_rank=rank, token_selection_method=method, seed=args.seed)
+                    with apply_fastv(model, fastv):
+                        pruned[name] = first_token_accuracy(model, processor, validation, device)
+                history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
+                                "validation_first_token_accuracy": accuracy,
+                                **{f"validation_{name}_first_token_accuracy": value for name, value in pruned.items()},
+                                "seconds": round(time.perf_counter() - start, 1)})
+                tqdm.write(f"step {step + 1}: loss {running:.4f}, train accuracy {running_hits:.3f}, "
+                           f"validation accuracy {accuracy:.3f}; at K=2 with every image token dropped "
+                           f"{pruned['rank0']:.3f}, 25% kept by avg_all_heads {pruned['quarter_avg_all_heads']:.3f}, "
+                           f"by random {pruned['quarter_random']:.3f}")
+    finally:
+        if swap_image is not None:
+            swap_image.remove()
     training_seconds = time.perf_counter() - start
 
     model.eval()
@@ -301,6 +383,7 @@ def main(argv=None) -> int:
         "recipe": dataclasses.asdict(recipe),
         "recipe_is_default": recipe == synthetic.DEFAULT_RECIPE,
         "curriculum": [{k: v for k, v in st.items() if k != "questions"} for st in stages],
+        "swap_image_layers": args.swap_image_layers,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "examples_seen": args.steps * args.batch_size,
