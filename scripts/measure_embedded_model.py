@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Measure the embedded tiny LLaVA on the shipped synthetic test split: baseline, every image token dropped, and
-each token-selection strategy at 50% and 25% of the image tokens kept.
+each token-selection strategy at 50% and 25% of the image tokens kept, with the share of the
+picture's object patches that each configuration keeps.
 
     python scripts/measure_embedded_model.py                 # prints the table, records it in training_info.json
     python scripts/measure_embedded_model.py --no-record     # only prints
@@ -21,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -72,16 +74,35 @@ def answer(model, processor, question: dict) -> str:
     return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def evaluate(model, processor, questions: list[dict], fastv: FastVConfig | None = None) -> list[bool]:
-    """Per question, whether the parsed answer equals the label (FAILED counts as wrong)."""
+def object_patches(image, patch_size: int = 14) -> torch.Tensor:
+    """BoolTensor[num_patches]: the patches (row-major, as the image tokens are ordered) holding any non-white pixel.
+
+    The synthetic pictures are drawn at the model's input size on a white background, so the processor neither
+    pads nor resizes them and patch (row, column) covers pixels [14 row, 14 row + 14) x [14 column, 14 column + 14).
+    """
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # [H, W, 3]
+    painted = (pixels != 255).any(dim=-1)  # [H, W]
+    rows, cols = painted.shape[0] // patch_size, painted.shape[1] // patch_size
+    return painted.reshape(rows, patch_size, cols, patch_size).any(dim=3).any(dim=1).flatten()
+
+
+def evaluate(model, processor, questions: list[dict], fastv: FastVConfig | None = None) -> tuple[list[bool], list[float]]:
+    """Per question, whether the parsed answer equals the label (FAILED counts as wrong), and the share of the
+    object's patches among the image tokens kept (1.0 without pruning)."""
     pruner = apply_fastv(model, fastv) if fastv is not None else None
     try:
-        correct = []
+        correct, object_kept = [], []
         for index, question in enumerate(questions):
             if pruner is not None:
                 pruner.reseed(fastv.seed + index)
             correct.append(parse_answer(answer(model, processor, question)) == question["label"])
-        return correct
+            if pruner is None:
+                object_kept.append(1.0)
+            else:
+                painted = object_patches(question["image"])
+                kept = pruner.last_selection.kept_image_indices[0].cpu()
+                object_kept.append(float(painted[kept].sum()) / max(1, int(painted.sum())))
+        return correct, object_kept
     finally:
         if pruner is not None:
             pruner.remove()
@@ -99,7 +120,7 @@ def run_table(model, processor, questions: list[dict], slice_size: int, agg_laye
     rows = []
     for label, fastv in configs:
         start = time.perf_counter()
-        correct = evaluate(model, processor, questions, fastv)
+        correct, object_kept = evaluate(model, processor, questions, fastv)
         rows.append({
             "configuration": label,
             "strategy": None if fastv is None else fastv.token_selection_method,
@@ -111,9 +132,11 @@ def run_table(model, processor, questions: list[dict], slice_size: int, agg_laye
             "total": len(correct),
             "accuracy": round(sum(correct) / len(correct), 4),
             f"correct_first_{slice_size}": sum(correct[:slice_size]),
+            "object_patches_kept": round(sum(object_kept) / len(object_kept), 4),
             "seconds": round(time.perf_counter() - start, 1),
         })
-        print(f"{label:<40} {rows[-1]['accuracy']:.4f}  ({rows[-1]['correct']}/{rows[-1]['total']})", flush=True)
+        print(f"{label:<40} {rows[-1]['accuracy']:.4f}  ({rows[-1]['correct']}/{rows[-1]['total']}), "
+              f"object patches kept {rows[-1]['object_patches_kept']:.0%}", flush=True)
     return {"agg_layer": agg_layer, "rows": rows}
 
 
@@ -124,10 +147,11 @@ def chance(questions: list[dict]) -> float:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'configuration':<40} {'kept':>6} {'accuracy':>9} {'correct':>9}", "-" * 68]
+    lines = [f"{'configuration':<40} {'kept':>6} {'accuracy':>9} {'correct':>9} {'object patches kept':>20}",
+             "-" * 89]
     for row in result["rows"]:
         lines.append(f"{row['configuration']:<40} {row['kept_fraction']:>6.0%} {row['accuracy']:>9.4f} "
-                     f"{row['correct']:>4}/{row['total']:<4}")
+                     f"{row['correct']:>4}/{row['total']:<4} {row['object_patches_kept']:>20.0%}")
     lines.append(f"chance (mean 1/options): {result['chance_accuracy']:.4f}")
     return "\n".join(lines)
 
