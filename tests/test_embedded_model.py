@@ -86,8 +86,6 @@ def test_baseline_reproduces_its_recorded_count_on_a_slice(loaded, info):
     assert _slice_correct(model, processor, size) == recorded
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped 4-layer model reads the image in layers 0-1: dropping every image "
-                   "token at K=2 costs nothing (issue 7 open; see docs/embedded_demo.md)")
 def test_dropping_every_image_token_loses_most_of_the_accuracy(loaded, info):
     """Rank 0 at K=2 must reproduce its record and lose at least half of the baseline's gain over chance."""
     model, processor = loaded
