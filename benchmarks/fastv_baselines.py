@@ -2,8 +2,9 @@
 
 Both are context managers around an unmodified transformers `LlavaForConditionalGeneration`, like `apply_fastv`,
 and expose `last_selection.kept_positions` (LongTensor[batch, S']) so that a run can check that every mode kept the
-same tokens. They share nothing with `fastv_advanced.pruning` except its public scoring function
-`last_query_attention` (mask mode) and the strategy registry, so they also act as an independent cross-check.
+same tokens. They share with `fastv_advanced.pruning` only its scoring function `last_query_attention` (mask mode),
+its per-row gather `_gather_rows` and the strategy registry; their hooks, selection bookkeeping and mask handling
+are written separately on purpose, so that they also act as an independent cross-check of the drop.
 
 - `MaskModeFastV` -- the research repo's approach. The same layer K-1 last-query scores choose the same R image
   tokens, but nothing is removed: layers K..L-1 get a 4D mask in which the dropped tokens are masked as keys. Every
