@@ -57,6 +57,18 @@ def write_question_set(root: Path, num_image_questions: int = 5, text_only: bool
     return question_file, images
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for in-process runs, restored afterwards: on a shared 2-core machine two threads that wait
+    on a busy core are much slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from fastv_advanced.tiny import save_tiny_llava

@@ -18,13 +18,7 @@ import bench_prefill  # noqa: E402
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these machines are shared, and two threads on a busy core wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

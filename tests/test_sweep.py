@@ -32,15 +32,7 @@ GUIDE_FILES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread for in-process runs (a shared 2-core machine makes more threads much slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

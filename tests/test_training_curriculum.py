@@ -91,17 +91,13 @@ def test_swap_needs_the_image_at_the_same_positions(model_and_batch):
         swap.remove()
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # restores the thread count the script sets
 def test_two_training_steps_save_a_plain_llava_with_its_record(tmp_path):
     output = tmp_path / "model"
-    threads = torch.get_num_threads()
-    try:
-        code = train_tiny_llava.main(["--output", str(output), "--steps", "2", "--warmup-steps", "1",
-                                      "--num-train", "16",
-                                      "--num-validation", "2", "--eval-every", "2", "--skip-measure",
-                                      "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "3",
-                                      "--vision-hidden-size", "16", "--vision-layers", "2"])
-    finally:
-        torch.set_num_threads(threads)  # the script sets its own thread count
+    code = train_tiny_llava.main(["--output", str(output), "--steps", "2", "--warmup-steps", "1", "--num-train", "16",
+                                  "--num-validation", "2", "--eval-every", "2", "--skip-measure",
+                                  "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "3",
+                                  "--vision-hidden-size", "16", "--vision-layers", "2"])
     assert code == 0
     assert ALL_ATTENTION_FUNCTIONS["sdpa"].__name__ == "sdpa_attention_forward"
     info = json.loads((output / "training_info.json").read_text())
