@@ -17,23 +17,17 @@ the `random` control's generator is reseeded with the question's index before ea
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from fastv_advanced import FastVConfig, apply_fastv, prompting
+from fastv_advanced import FastVConfig, apply_fastv, embedded, prompting, scienceqa
 from fastv_advanced.answers import parse_answer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "tiny-llava-scienceqa"
-DEFAULT_QUESTIONS = REPO_ROOT / "data" / "scienceqa" / "himap-inference-MCQ.json"
-DEFAULT_IMAGES = REPO_ROOT / "data" / "scienceqa" / "images" / "test"
 STRATEGIES = (
     ("avg_all_heads", {}),
     ("max_head", {}),
@@ -49,18 +43,17 @@ def load_model(model_path, device: str = "cpu") -> tuple[LlavaForConditionalGene
     return model, processor
 
 
-def load_questions(question_file, image_folder, limit: int | None = None) -> list[dict]:
-    """[{id, text, label, image (PIL RGB)}] in file order."""
-    entries = json.loads(Path(question_file).read_text(encoding="utf-8"))
-    if limit is not None:
-        entries = entries[:limit]
+def load_questions(question_file, image_folder, limit: int | None = None) -> tuple[list[dict], str]:
+    """([{id, text, label, image (PIL RGB)}] in file order, the question file's sha256), read by the evaluation's
+    loaders (`fastv_advanced.scienceqa`), which name the file and entry of anything malformed."""
+    question_set = scienceqa.load_questions(question_file)
     questions = []
-    for entry in entries:
-        with Image.open(Path(image_folder) / entry["image"]) as image:
-            rgb = image.convert("RGB")
-        questions.append({"id": entry["id"], "text": entry["conversations"][0]["value"],
-                          "label": entry["conversations"][1]["value"], "image": rgb})
-    return questions
+    for question in question_set.questions[:limit]:
+        if question.error:
+            raise scienceqa.DataError(question.error)
+        questions.append({"id": question.id, "text": question.text, "label": question.label,
+                          "image": scienceqa.load_image(image_folder, question)})
+    return questions, question_set.sha256
 
 
 @torch.no_grad()
@@ -158,9 +151,9 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-path", default=str(DEFAULT_MODEL))
-    parser.add_argument("--question-file", default=str(DEFAULT_QUESTIONS))
-    parser.add_argument("--image-folder", default=str(DEFAULT_IMAGES))
+    parser.add_argument("--model-path", default=str(embedded.MODEL_PATH))
+    parser.add_argument("--question-file", default=str(embedded.QUESTION_FILE))
+    parser.add_argument("--image-folder", default=str(embedded.IMAGE_FOLDER))
     parser.add_argument("--num-samples", type=int, default=None, help="first N questions (default: all)")
     parser.add_argument("--slice-size", type=int, default=30, help="also record the correct count of the first N")
     parser.add_argument("--agg-layer", type=int, default=2)
@@ -171,13 +164,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model_path, args.device)
-    questions = load_questions(args.question_file, args.image_folder, args.num_samples)
+    questions, question_file_sha256 = load_questions(args.question_file, args.image_folder, args.num_samples)
     start = time.perf_counter()
     result = run_table(model, processor, questions, args.slice_size, args.agg_layer)
     result.update({
-        "question_file": str(Path(args.question_file).resolve().relative_to(REPO_ROOT))
-        if Path(args.question_file).resolve().is_relative_to(REPO_ROOT) else args.question_file,
-        "question_file_sha256": hashlib.sha256(Path(args.question_file).read_bytes()).hexdigest(),
+        "question_file": str(Path(args.question_file).resolve().relative_to(embedded.REPO_ROOT))
+        if Path(args.question_file).resolve().is_relative_to(embedded.REPO_ROOT) else args.question_file,
+        "question_file_sha256": question_file_sha256,
         "num_questions": len(questions),
         "slice_size": args.slice_size,
         "chance_accuracy": round(chance(questions), 4),

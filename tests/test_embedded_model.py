@@ -4,20 +4,17 @@ image geometry, reproduces its recorded accuracy on a slice of the shipped test 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from fastv_advanced import FastVConfig, apply_fastv, prompting
-from fastv_advanced.answers import parse_answer
+from fastv_advanced import FastVConfig, prompting
+from fastv_advanced.embedded import IMAGE_FOLDER, MODEL_PATH, QUESTION_FILE
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_PATH = REPO_ROOT / "models" / "tiny-llava-scienceqa"
-QUESTION_FILE = REPO_ROOT / "data" / "scienceqa" / "himap-inference-MCQ.json"
-IMAGE_FOLDER = REPO_ROOT / "data" / "scienceqa" / "images" / "test"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import measure_embedded_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +24,7 @@ def info() -> dict:
 
 @pytest.fixture(scope="module")
 def loaded():
-    processor = AutoProcessor.from_pretrained(MODEL_PATH)
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_PATH, dtype=torch.float32).eval()
-    return model, processor
+    return measure_embedded_model.load_model(MODEL_PATH)
 
 
 def _rows(info: dict) -> dict[str, dict]:
@@ -37,27 +32,11 @@ def _rows(info: dict) -> dict[str, dict]:
 
 
 def _slice_correct(model, processor, size: int, fastv: FastVConfig | None = None) -> int:
-    """Correct answers (greedy, LLaVA's answer parser) on the first `size` questions of the shipped test split."""
-    entries = json.loads(QUESTION_FILE.read_text(encoding="utf-8"))[:size]
-    pruner = apply_fastv(model, fastv) if fastv is not None else None
-    correct = 0
-    try:
-        for index, entry in enumerate(entries):
-            if pruner is not None:
-                pruner.reseed(fastv.seed + index)
-            with Image.open(IMAGE_FOLDER / entry["image"]) as image:
-                rgb = image.convert("RGB")
-            _, inputs = prompting.build_inputs(entry["conversations"][0]["value"], rgb, processor, model.config,
-                                               single_pred_prompt=True)
-            with torch.no_grad():
-                output = model.generate(**inputs, do_sample=False, max_new_tokens=32,
-                                        pad_token_id=processor.tokenizer.pad_token_id)
-            text = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += parse_answer(text) == entry["conversations"][1]["value"]
-    finally:
-        if pruner is not None:
-            pruner.remove()
-    return correct
+    """Correct answers on the first `size` questions of the shipped test split, measured as the recorded table was
+    (`scripts/measure_embedded_model.py`: greedy decoding, LLaVA's answer parser, `random` reseeded per question)."""
+    questions, _ = measure_embedded_model.load_questions(QUESTION_FILE, IMAGE_FOLDER, size)
+    correct, _ = measure_embedded_model.evaluate(model, processor, questions, fastv)
+    return sum(correct)
 
 
 def test_checkpoint_is_small_and_has_llava_15_image_geometry(loaded):
