@@ -47,6 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`: use its src/ direc
 from fastv_advanced import FastVConfig, apply_fastv  # noqa: E402
 from fastv_advanced.flops import DecoderShape, prefill_flops  # noqa: E402
 from fastv_advanced.pruning import last_query_attention  # noqa: E402
+from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
 from fastv_advanced.strategies import get_strategy, run_strategy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -947,9 +948,11 @@ def _run(argv=None) -> dict:
     result = {
         "meta": {
             "preset": args.preset, "smoke": args.smoke, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_name()} ({os.cpu_count()} cores visible)",
             "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_commit": _git_commit(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parent),
+            "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
@@ -1068,33 +1071,6 @@ def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, ste
         log(f"\n#### profile: {config.key} (trace {trace})\n{table}")
     model.set_attn_implementation({"text_config": "sdpa"})
     return tables
-
-
-def _git_commit() -> str | None:
-    """HEAD of the repository this script lives in, with '+dirty' when tracked files are modified."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

@@ -40,16 +40,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastv_advanced import FastVConfig, apply_fastv, prompting, synthetic, tiny
+from fastv_advanced import FastVConfig, apply_fastv, embedded, prompting, synthetic, tiny
+from fastv_advanced.run_files import cpu_name
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO_ROOT / "models" / "tiny-llava-scienceqa"
 VALIDATION_SEED, VALIDATION_ID_START = 4241, 200001
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where the model and processor are saved")
+    parser.add_argument("--output", default=str(embedded.MODEL_PATH), help="where the model and processor are saved")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--train-seed", type=int, default=synthetic.TRAIN_SEED, help="seed of the training questions")
     parser.add_argument("--num-train", type=int, default=12000, help="training questions (generated in memory)")
@@ -250,15 +249,7 @@ def first_token_accuracy(model, processor, questions, device) -> float:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def main(argv=None) -> int:

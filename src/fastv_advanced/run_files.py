@@ -4,7 +4,7 @@
 - `fingerprint_of(config)`: a short hash of everything that changes the per-sample results; result files and JSONL
   headers carry it, and `check_result_file` / `SampleJournal.open` refuse files of another configuration.
 - `SampleJournal`: the per-sample JSONL (header line + one line per sample, appended and fsync'd per sample).
-- `environment_info`: versions, device and git commit for the result file.
+- `environment_info`, `git_commit`, `cpu_name`: versions, device, CPU and git commit for result files.
 """
 
 from __future__ import annotations
@@ -40,6 +40,18 @@ def git_commit(path: Path | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "") if commit else None
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def environment_info(device: str, device_label: str) -> dict:
