@@ -234,18 +234,26 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
-def first_token_accuracy(model, processor, questions, device) -> float:
-    """Share of questions whose answer letter is the argmax after the prompt (teacher-forced, one forward each)."""
-    model.eval()
-    correct = 0
+def validation_examples(questions, processor, config) -> list[tuple[dict, int]]:
+    """(model inputs, first answer token id) per question, built once for every validation check."""
+    examples = []
     for question in questions:
         text = question.entry["conversations"][0]["value"]
-        _, inputs = prompting.build_inputs(text, question.render(), processor, model.config, single_pred_prompt=True)
+        _, inputs = prompting.build_inputs(text, question.render(), processor, config, single_pred_prompt=True)
+        examples.append((inputs, answer_ids(processor.tokenizer, question.answer)[0]))
+    return examples
+
+
+@torch.no_grad()
+def first_token_accuracy(model, examples: list[tuple[dict, int]], device) -> float:
+    """Share of examples whose answer letter is the argmax after the prompt (teacher-forced, one forward each)."""
+    model.eval()
+    correct = 0
+    for inputs, answer_id in examples:
         logits = model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1).logits[0, -1]
-        correct += int(logits.argmax()) == answer_ids(processor.tokenizer, question.answer)[0]
+        correct += int(logits.argmax()) == answer_id
     model.train()
-    return correct / len(questions)
+    return correct / len(examples)
 
 
 def machine_description() -> str:
@@ -281,6 +289,7 @@ def main(argv=None) -> int:
         vision_layers=args.vision_layers,
     )
     assert prompting.num_image_tokens(config) == 576, "the embedded model must have LLaVA-1.5's 576 image tokens"
+    validation_inputs = validation_examples(validation, processor, config) if args.eval_every else []
     model = tiny.build_model(config, seed=args.seed, qk_scale=1.0)
     if args.position_init == "sincos":
         init_position_embeddings(model)
@@ -339,13 +348,13 @@ def main(argv=None) -> int:
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 if swap_image is not None:
                     swap_image.enabled = False  # validation measures the plain model
-                accuracy = first_token_accuracy(model, processor, validation, device)
+                accuracy = first_token_accuracy(model, validation_inputs, device)
                 pruned = {}
                 for name, method, rank in (("rank0", "avg_all_heads", 0), ("quarter_avg_all_heads", "avg_all_heads", 144),
                                            ("quarter_random", "random", 144)):
                     fastv = FastVConfig(agg_layer=2, attention_rank=rank, token_selection_method=method, seed=args.seed)
                     with apply_fastv(model, fastv):
-                        pruned[name] = first_token_accuracy(model, processor, validation, device)
+                        pruned[name] = first_token_accuracy(model, validation_inputs, device)
                 history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
                                 "validation_first_token_accuracy": accuracy,
                                 **{f"validation_{name}_first_token_accuracy": value for name, value in pruned.items()},
