@@ -43,16 +43,31 @@ def load_model(model_path, device: str = "cpu") -> tuple[LlavaForConditionalGene
     return model, processor
 
 
+def object_patches(image, patch_size: int = 14) -> torch.Tensor:
+    """BoolTensor[num_patches]: the patches (row-major, as the image tokens are ordered) holding any non-white pixel.
+
+    The synthetic pictures are drawn at the model's input size on a white background, so the processor neither
+    pads nor resizes them and patch (row, column) covers pixels [14 row, 14 row + 14) x [14 column, 14 column + 14).
+    """
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # [H, W, 3]
+    painted = (pixels != 255).any(dim=-1)  # [H, W]
+    rows, cols = painted.shape[0] // patch_size, painted.shape[1] // patch_size
+    return painted.reshape(rows, patch_size, cols, patch_size).any(dim=3).any(dim=1).flatten()
+
+
 def load_questions(question_file, image_folder, limit: int | None = None) -> tuple[list[dict], str]:
-    """([{id, text, label, image (PIL RGB)}] in file order, the question file's sha256), read by the evaluation's
-    loaders (`fastv_advanced.scienceqa`), which name the file and entry of anything malformed."""
+    """([{id, text, label, image (PIL RGB), object_patches}] in file order, the question file's sha256).
+
+    Read by the evaluation's loaders (`fastv_advanced.scienceqa`), which name the file and entry of anything
+    malformed; `object_patches` is computed once here for every configuration measured later."""
     question_set = scienceqa.load_questions(question_file)
     questions = []
     for question in question_set.questions[:limit]:
         if question.error:
             raise scienceqa.DataError(question.error)
-        questions.append({"id": question.id, "text": question.text, "label": question.label,
-                          "image": scienceqa.load_image(image_folder, question)})
+        image = scienceqa.load_image(image_folder, question)
+        questions.append({"id": question.id, "text": question.text, "label": question.label, "image": image,
+                          "object_patches": object_patches(image)})
     return questions, question_set.sha256
 
 
@@ -65,18 +80,6 @@ def answer(model, processor, question: dict) -> str:
     output = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
                             pad_token_id=processor.tokenizer.pad_token_id)
     return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def object_patches(image, patch_size: int = 14) -> torch.Tensor:
-    """BoolTensor[num_patches]: the patches (row-major, as the image tokens are ordered) holding any non-white pixel.
-
-    The synthetic pictures are drawn at the model's input size on a white background, so the processor neither
-    pads nor resizes them and patch (row, column) covers pixels [14 row, 14 row + 14) x [14 column, 14 column + 14).
-    """
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # [H, W, 3]
-    painted = (pixels != 255).any(dim=-1)  # [H, W]
-    rows, cols = painted.shape[0] // patch_size, painted.shape[1] // patch_size
-    return painted.reshape(rows, patch_size, cols, patch_size).any(dim=3).any(dim=1).flatten()
 
 
 def evaluate(model, processor, questions: list[dict], fastv: FastVConfig | None = None) -> tuple[list[bool], list[float]]:
@@ -92,7 +95,7 @@ def evaluate(model, processor, questions: list[dict], fastv: FastVConfig | None 
             if pruner is None:
                 object_kept.append(1.0)
             else:
-                painted = object_patches(question["image"])
+                painted = question["object_patches"]
                 kept = pruner.last_selection.kept_image_indices[0].cpu()
                 object_kept.append(float(painted[kept].sum()) / max(1, int(painted.sum())))
         return correct, object_kept
