@@ -46,7 +46,7 @@ except ImportError:  # a checkout without `pip install -e .`: use its src/ direc
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fastv_advanced import FastVConfig, apply_fastv  # noqa: E402
 from fastv_advanced.flops import DecoderShape, prefill_flops  # noqa: E402
-from fastv_advanced.pruning import last_query_attention  # noqa: E402
+from fastv_advanced.selection import last_query_attention  # noqa: E402
 from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
 from fastv_advanced.strategies import get_strategy, run_strategy  # noqa: E402
 

@@ -3,7 +3,7 @@
 Both are context managers around an unmodified transformers `LlavaForConditionalGeneration`, like `apply_fastv`,
 and expose `last_selection.kept_positions` (LongTensor[batch, S']) so that a run can check that every mode kept the
 same tokens. They share with `fastv_advanced.pruning` only its scoring function `last_query_attention` (mask mode),
-its per-row gather `_gather_rows` and the strategy registry; their hooks, selection bookkeeping and mask handling
+its per-row gather `selection.gather_rows` and the strategy registry; their hooks, selection bookkeeping and mask handling
 are written separately on purpose, so that they also act as an independent cross-check of the drop.
 
 - `MaskModeFastV` -- the research repo's approach. The same layer K-1 last-query scores choose the same R image
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastv_advanced import FastVConfig
-from fastv_advanced.pruning import _gather_rows as _gather, last_query_attention
+from fastv_advanced.selection import gather_rows as _gather, last_query_attention
 from fastv_advanced.strategies import get_strategy, run_strategy
 
 

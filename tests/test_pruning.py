@@ -11,7 +11,7 @@ from PIL import Image
 
 import fastv_reference as ref
 from fastv_advanced import FastVConfig, apply_fastv, available_strategies, register_strategy, strategies
-from fastv_advanced.pruning import last_query_attention
+from fastv_advanced.selection import last_query_attention
 from fastv_advanced.tiny import build_config, build_model, build_processor, build_tokenizer
 
 PROMPTS = [

@@ -26,6 +26,7 @@ import transformers
 from packaging.version import Version
 
 from .config import FastVConfig
+from .selection import gather_mask as _gather_mask, gather_rows as _gather_rows, last_query_attention
 from .strategies import get_strategy, run_strategy
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
@@ -68,78 +69,6 @@ class _Prefill:
     image_positions: torch.Tensor  # LongTensor[batch, n_image], ascending sequence positions of the image tokens
     is_image: torch.Tensor  # BoolTensor[batch, S]
     num_kept: int
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama RoPE. x: [batch, heads, S, head_dim]; cos, sin: [batch or 1, S, head_dim]."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
-
-
-def last_query_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    head_dim: int,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention probabilities of the last position over all keys: FloatTensor[batch, heads, S].
-
-    query: [batch, 1, heads * head_dim] (q_proj output of the last position, before RoPE);
-    keys: [batch, S, kv_heads * head_dim] (k_proj output, before RoPE); cos, sin: [batch or 1, S, head_dim];
-    attention_mask: None (causal, no padding), a 4D mask [batch or 1, 1 or heads, S, S] (bool: True = attend;
-    float: additive) or a 2D padding mask [batch, S] (1 = token). Only the last row of the mask is read.
-    """
-    batch, seq_len, _ = keys.shape
-    num_heads = query.shape[-1] // head_dim
-    num_kv_heads = keys.shape[-1] // head_dim
-    group = num_heads // num_kv_heads
-    q = _apply_rope(query.view(batch, 1, num_heads, head_dim).transpose(1, 2), cos[:, -1:], sin[:, -1:])
-    k = _apply_rope(keys.view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2), cos, sin)
-    # Query head h reads kv head h // group, as repeat_kv does.
-    logits = torch.einsum("bkgd,bksd->bkgs", q.view(batch, num_kv_heads, group, head_dim).float(), k.float())
-    logits = logits.reshape(batch, num_heads, seq_len) * scaling
-    if attention_mask is not None:
-        if attention_mask.dim() == 4:
-            row = attention_mask[:, :, -1, -seq_len:]
-        elif attention_mask.dim() == 2:
-            row = attention_mask[:, None, -seq_len:].bool()
-        else:
-            raise TypeError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
-        if row.dtype == torch.bool:
-            logits = logits.masked_fill(~row, float("-inf"))
-        else:
-            logits = logits + row.float()
-    return logits.softmax(dim=-1)
-
-
-def _gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per batch row, pick positions `index` [batch, n] along `dim` of x [batch or 1, ...]."""
-    x = x.expand(index.shape[0], *x.shape[1:])
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = index.shape
-    expanded = list(x.shape)
-    expanded[dim] = index.shape[1]
-    return x.gather(dim, index.view(shape).expand(expanded))
-
-
-def _gather_mask(mask: torch.Tensor | None, query_index: torch.Tensor | None, key_index: torch.Tensor):
-    """Gather a 4D mask [batch, h, q, k] (query and key axes) or a 2D padding mask [batch, k] (key axis)."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"FastV cannot prune with an attention mask of type {type(mask).__name__}; use sdpa or eager")
-    if mask.dim() == 2:
-        return _gather_rows(mask, key_index, 1)
-    if query_index is not None:
-        mask = _gather_rows(mask, query_index, 2)
-    return _gather_rows(mask, key_index, 3)
 
 
 def _find_llava_model(model: torch.nn.Module) -> torch.nn.Module:
