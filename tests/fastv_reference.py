@@ -133,3 +133,92 @@ def masked_greedy_generate(
         attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
         dropped = torch.cat([dropped, torch.zeros(batch, 1, dtype=torch.bool)], dim=1)
     return torch.stack(tokens, dim=1)
+
+
+# -- schedules of several stages ------------------------------------------------------------------------------------
+
+
+def segmented_forward(eager_model, inputs_embeds, attention_mask, positions, dropped, compacted, capture=None):
+    """A no-cache forward of the decoder as a plain loop, layer by layer: layer l cannot attend to the keys
+    `dropped[l]` (BoolTensor[batch, S]) and runs at positions `positions - cumsum(compacted[l])` (renumbering
+    closes the gaps left by the tokens `compacted[l]` dropped with renumbering).
+
+    Returns (logits [batch, S, vocab], attention probabilities [batch, heads, S, S] of layer `capture` or None).
+    """
+    text_model = eager_model.model.language_model
+    seq_len = inputs_embeds.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    minimum = torch.finfo(inputs_embeds.dtype).min
+    captured = {}
+    handle = None
+    if capture is not None:
+        handle = text_model.layers[capture].self_attn.register_forward_hook(
+            lambda module, args, output: captured.update(probs=output[1])
+        )
+    hidden = inputs_embeds
+    try:
+        with torch.no_grad():
+            for index, layer in enumerate(text_model.layers):
+                mask = torch.where(allowed & ~dropped[index][:, None, :], 0.0, minimum)[:, None]
+                layer_positions = positions - compacted[index].long().cumsum(dim=1)
+                rope = text_model.rotary_emb(hidden, position_ids=layer_positions)
+                hidden = layer(hidden, attention_mask=mask.to(hidden.dtype), position_embeddings=rope,
+                               position_ids=layer_positions)
+            logits = eager_model.lm_head(text_model.norm(hidden))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits, captured.get("probs")
+
+
+def run_schedule(eager_model, inputs_embeds, attention_mask, positions, image_token_mask, stages):
+    """Apply a schedule by masking, stage after stage. `stages`: (layer, attention_layer, compact, keep_fn) with
+    keep_fn(attention [heads, n] of one row over its image tokens still present) -> indices (into those n) kept.
+
+    Returns (per stage the kept original image indices of each row, dropped per layer, compacted per layer).
+    """
+    num_layers = len(eager_model.model.language_model.layers)
+    batch = inputs_embeds.shape[0]
+    none = torch.zeros_like(image_token_mask)
+    dropped = [none.clone() for _ in range(num_layers)]
+    compacted = [none.clone() for _ in range(num_layers)]
+    kept_per_stage = []
+    for layer, attention_layer, compact, keep_fn in stages:
+        _, probs = segmented_forward(eager_model, inputs_embeds, attention_mask, positions, dropped, compacted,
+                                     capture=attention_layer)
+        kept_rows = []
+        for b in range(batch):
+            image = [j for j in range(image_token_mask.shape[1]) if image_token_mask[b, j] and not dropped[layer][b, j]]
+            attention = probs[b, :, -1, image].float()  # [heads, n]
+            keep = set(keep_fn(attention))
+            original = [j for j in range(image_token_mask.shape[1]) if image_token_mask[b, j]]
+            kept_rows.append([original.index(image[i]) for i in sorted(keep)])
+            for i, j in enumerate(image):
+                if i not in keep:
+                    for later in range(layer, num_layers):
+                        dropped[later][b, j] = True
+                        if compact:
+                            compacted[later][b, j] = True
+        kept_per_stage.append(kept_rows)
+    return kept_per_stage, dropped, compacted
+
+
+def schedule_greedy_generate(eager_model, inputs_embeds, attention_mask, dropped, compacted, max_new_tokens: int):
+    """Greedy tokens [batch, max_new_tokens] by full recomputation each step with a fixed schedule (positions as
+    `generate` computes them)."""
+    embed = eager_model.get_input_embeddings()
+    batch = inputs_embeds.shape[0]
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits, _ = segmented_forward(eager_model, inputs_embeds, attention_mask, generate_positions(attention_mask),
+                                      dropped, compacted)
+        next_token = logits[:, -1].argmax(-1)
+        tokens.append(next_token)
+        with torch.no_grad():
+            inputs_embeds = torch.cat([inputs_embeds, embed(next_token)[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
+        pad = torch.zeros(batch, 1, dtype=torch.bool)
+        dropped = [torch.cat([d, pad], dim=1) for d in dropped]
+        compacted = [torch.cat([c, pad], dim=1) for c in compacted]
+    return torch.stack(tokens, dim=1)

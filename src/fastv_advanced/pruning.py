@@ -1,50 +1,56 @@
-"""The pruning mechanism: forward hooks that drop image tokens from a transformers LLaVA after decoder layer K.
+"""The pruning mechanism: forward hooks that physically drop image tokens inside a VLM's language model.
 
-Nothing in the model is replaced. Hooks are added to:
+A method (`fastv_advanced.methods`) gives a schedule of stages; the model's family adapter
+(`fastv_advanced.adapters`) says where things are. Nothing in the model is replaced. Hooks sit on:
 
-- the `LlavaModel` forward, to read `input_ids` and find the image tokens (`input_ids == config.image_token_id`);
-- layer K-1's attention and its `q_proj`/`k_proj`, to compute the attention probabilities of the last prompt
-  position only (one query row: O(heads x sequence) extra memory), whatever attention implementation runs;
-- layer K, where the selection runs once per prefill and the hidden states, RoPE cos/sin, position ids and any
-  materialised mask are gathered to the kept tokens (a physical drop: layers K..L-1 run on S' < S tokens);
-- layers K+1..L-1, which receive the same gathered cos/sin, position ids and mask.
+- the module that receives `input_ids` (the prompt): finds the image tokens, once per prefill, with one host sync;
+- for a stage that reads an earlier layer's attention, that layer's attention module and its query/key modules:
+  the attention probabilities of the last prompt position are computed from them (one query row,
+  O(heads x sequence) memory), whatever attention implementation runs;
+- every decoder layer from the first stage on. At a stage's layer, in prefill, the method chooses among the image
+  tokens still present; the hidden states, RoPE cos/sin, position ids and any materialised mask are gathered to
+  the kept tokens (a physical drop) and handed to the following layers. Compacted positions are recomputed.
 
-In decode steps (KV cache), layers >= K have cached only the kept prompt tokens, so a materialised mask (built by
-transformers for the full prompt length) has its key columns gathered to the kept prompt positions plus the
-generated ones. `remove()` takes every hook away; the model's modules, attention implementation and forward
-methods are never modified.
+The KV cache of the layers between two stages holds exactly the tokens those layers saw. In decode steps each such
+segment has a materialised mask's key columns gathered to its kept prompt positions plus the generated ones, and,
+where positions were compacted, its position ids shifted down by the tokens dropped before it. No host sync happens
+in decode steps. `remove()` takes every hook away.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from packaging.version import Version
 
-from .config import FastVConfig
-from .selection import gather_mask as _gather_mask, gather_rows as _gather_rows, last_query_attention
-from .strategies import get_strategy, run_strategy
+from .adapters import adapter_for
+from .methods import PruningMethod, Stage, StageInputs
+from .selection import gather_mask, gather_rows, image_attention, kept_sequence, last_query_attention
+from .selection import ordered_positions, top_scores
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
 # model -> its active pruner, so that applying twice replaces instead of stacking hooks.
-_ACTIVE_PRUNERS: "weakref.WeakKeyDictionary[torch.nn.Module, FastVPruner]" = weakref.WeakKeyDictionary()
+_ACTIVE_PRUNERS: "weakref.WeakKeyDictionary[torch.nn.Module, Pruner]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
 class Selection:
-    """The image tokens chosen at the last prefill.
+    """The image tokens one stage kept at the last prefill.
 
-    kept_image_indices: LongTensor[batch, R], ascending, 0-based within each row's image tokens.
+    kept_image_indices: LongTensor[batch, R], ascending, 0-based among each row's original image tokens.
     image_start: LongTensor[batch], sequence position (padding included) of each row's first image token.
-    scores: FloatTensor[batch, n_image], the strategy's scores.
-    head_index: LongTensor[batch] for head-based strategies, else None.
-    kept_positions: LongTensor[batch, S'], sequence positions kept for layers K..L-1 (all non-image tokens and the
-        kept image tokens, ascending).
+    scores: FloatTensor[batch, n], the method's scores of the n image tokens present at this stage
+        (`candidate_image_indices`).
+    head_index: LongTensor[batch] for head-based choices, else None.
+    kept_positions: LongTensor[batch, S'], original sequence positions of the tokens layers from `layer` on see
+        (all non-image tokens and the kept image tokens, ascending).
+    layer: the decoder layer before which this stage pruned.
+    candidate_image_indices: LongTensor[batch, n], the original image indices the scores belong to.
     """
 
     kept_image_indices: torch.Tensor
@@ -52,6 +58,8 @@ class Selection:
     scores: torch.Tensor
     head_index: torch.Tensor | None
     kept_positions: torch.Tensor
+    layer: int = 0
+    candidate_image_indices: torch.Tensor | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -61,25 +69,40 @@ class Selection:
     def num_kept(self) -> int:
         return self.kept_image_indices.shape[-1]
 
+    def __repr__(self) -> str:
+        batch = self.kept_image_indices.shape[0]
+        heads = "" if self.head_index is None else f", head_index={self.head_index.tolist()}"
+        return (
+            f"Selection(layer={self.layer}, batch={batch}, kept {self.num_kept} of {self.num_image_tokens} image "
+            f"tokens, sequence {self.kept_positions.shape[-1]} tokens{heads})"
+        )
+
 
 @dataclass
-class _Prefill:
-    """What the layer-K hook needs about the prompt being prefilled."""
+class _Prompt:
+    """The prefill in progress: where the image tokens are now, and what each current token was originally.
 
-    image_positions: torch.Tensor  # LongTensor[batch, n_image], ascending sequence positions of the image tokens
-    is_image: torch.Tensor  # BoolTensor[batch, S]
-    num_kept: int
+    is_image: BoolTensor[batch, S] of the original prompt; image_start: LongTensor[batch];
+    image_positions: LongTensor[batch, n] in the current sequence; image_indices: LongTensor[batch, n] among the
+    original image tokens; positions: LongTensor[batch, S_cur], original positions of the current tokens.
+    """
+
+    is_image: torch.Tensor
+    num_image: int
+    image_start: torch.Tensor
+    image_positions: torch.Tensor
+    image_indices: torch.Tensor
+    positions: torch.Tensor
+    attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
 
 
-def _find_llava_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The `LlavaModel` inside a `LlavaForConditionalGeneration` (or the model itself)."""
-    inner = getattr(model, "model", None)
-    for candidate in (model, inner):
-        if candidate is not None and hasattr(candidate, "language_model") and hasattr(candidate, "vision_tower"):
-            return candidate
-    raise TypeError(
-        f"apply_fastv expects a transformers LlavaForConditionalGeneration or LlavaModel, got {type(model).__name__}"
-    )
+@dataclass
+class _Segment:
+    """Layers from one stage to the next: the original prompt positions their cache holds [batch, S_i] and how far
+    their positions were compacted (tokens dropped before the generated ones)."""
+
+    kept_positions: torch.Tensor
+    position_shift: int
 
 
 def _check_transformers_version() -> None:
@@ -92,59 +115,105 @@ def _check_transformers_version() -> None:
         )
 
 
-class FastVPruner:
-    """FastV applied to one model. Use as a context manager or call `remove()` when done.
+class Pruner:
+    """A pruning method applied to one model. Use as a context manager or call `remove()` when done.
 
-    last_selection: the `Selection` of the last prefill that had image tokens (None before).
+    selections: one `Selection` per stage of the last prefill that had image tokens (empty before);
+    last_selection: the last stage's (None before).
     """
 
-    def __init__(self, model: torch.nn.Module, config: FastVConfig):
+    def __init__(self, model: torch.nn.Module, method: PruningMethod):
         _check_transformers_version()
         self.model = model
-        self.config = config
-        llava = _find_llava_model(model)
-        layers = llava.language_model.layers
-        num_layers = len(layers)
-        if not 1 <= config.agg_layer < num_layers:
-            raise ValueError(
-                f"agg_layer={config.agg_layer} is outside the allowed range [1, {num_layers - 1}] for this model "
-                f"with {num_layers} decoder layers"
-            )
-        self.image_token_id = model.config.image_token_id
-        self.strategy = get_strategy(config.token_selection_method)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.last_selection: Selection | None = None
+        self.method = method
+        self.adapter = adapter_for(model)
+        self.stages: list[Stage] = method.stages(len(self.adapter.layers))
+        self._check_schedule()
+        self._stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
+        self.generator = torch.Generator().manual_seed(getattr(method, "seed", 0))
+        self.selections: list[Selection] = []
         self._warned_span = False
-        self._prefill: _Prefill | None = None
+        self._prompt: _Prompt | None = None
         self._captured: dict = {}
-        self._attention: torch.Tensor | None = None
         self._overrides: dict | None = None
-        self._kept_positions: torch.Tensor | None = None
+        self._segments: dict[int, _Segment] = {}
         self._prompt_length = 0
         self._decode_cache = None
+        self._decoding = False
+        self._cache_ref = None
 
         previous = _ACTIVE_PRUNERS.get(model)
         if previous is not None:
             previous.remove()
-        scoring_attention = layers[config.agg_layer - 1].self_attn
-        self._head_dim = scoring_attention.head_dim
-        self._scaling = scoring_attention.scaling
         self._handles = [
-            llava.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
-            llava.register_forward_hook(self._on_forward_end),
-            scoring_attention.register_forward_pre_hook(self._capture_attention_inputs, with_kwargs=True),
-            scoring_attention.q_proj.register_forward_hook(self._capture_query),
-            scoring_attention.k_proj.register_forward_hook(self._capture_keys),
-            scoring_attention.register_forward_hook(self._score_last_query),
-            layers[config.agg_layer].register_forward_pre_hook(self._on_first_pruned_layer, with_kwargs=True),
+            self.adapter.prompt_module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+            self.adapter.prompt_module.register_forward_hook(self._on_forward_end),
         ]
-        self._handles += [
-            layer.register_forward_pre_hook(self._on_later_pruned_layer, with_kwargs=True)
-            for layer in layers[config.agg_layer + 1 :]
-        ]
+        for layer in sorted({s.attention_layer for s in self.stages if s.attention_layer not in (None, s.layer)}):
+            self._hook_attention(layer)
+        for index in range(self.stages[0].layer, len(self.adapter.layers)):
+            hook = self._on_layer
+            self._handles.append(
+                self.adapter.layers[index].register_forward_pre_hook(
+                    lambda module, args, kwargs, index=index: hook(index, args, kwargs), with_kwargs=True
+                )
+            )
         _ACTIVE_PRUNERS[model] = self
 
+    def _check_schedule(self) -> None:
+        previous = -1
+        for stage in self.stages:
+            if stage.layer <= previous:
+                raise ValueError(f"{self.method.name}: stage layers must ascend, got {[s.layer for s in self.stages]}")
+            if stage.attention_layer is not None and not previous <= stage.attention_layer <= stage.layer:
+                raise ValueError(
+                    f"{self.method.name}: the stage before layer {stage.layer} reads layer {stage.attention_layer}'s "
+                    f"attention; it must lie in [{max(previous, 0)}, {stage.layer}]"
+                )
+            previous = stage.layer
+
+    def _hook_attention(self, layer: int) -> None:
+        attention = self.adapter.attention(layer)
+        q_module, k_module = self.adapter.query_key_modules(layer)
+        layout = self.adapter.head_layout(layer)
+        captured = self._captured
+
+        def inputs(module, args, kwargs):
+            if self._prompt is not None:
+                captured.update(mask=kwargs.get("attention_mask"), rope=kwargs.get("position_embeddings"))
+
+        def query(module, args, output):
+            if self._prompt is not None:
+                captured["query"] = output[:, -1:]  # [batch, 1, heads * head_dim]
+
+        def keys(module, args, output):
+            if self._prompt is not None:
+                captured["keys"] = output  # [batch, S, kv_heads * head_dim]
+
+        def score(module, args, output):
+            if self._prompt is not None:
+                cos, sin = captured["rope"]
+                probs = last_query_attention(captured["query"], captured["keys"], cos, sin, captured["mask"],
+                                             layout.head_dim, layout.scaling)  # [batch, heads, S]
+                self._prompt.attention[layer] = image_attention(probs, self._prompt.image_positions)
+                captured.clear()
+
+        self._handles += [
+            attention.register_forward_pre_hook(inputs, with_kwargs=True),
+            q_module.register_forward_hook(query),
+            k_module.register_forward_hook(keys),
+            attention.register_forward_hook(score),
+        ]
+
     # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    @property
+    def last_selection(self) -> Selection | None:
+        return self.selections[-1] if self.selections else None
+
+    @last_selection.setter
+    def last_selection(self, value: Selection | None) -> None:
+        self.selections = [] if value is None else [value]
 
     def remove(self) -> None:
         """Take every hook away; the model is exactly as before."""
@@ -152,26 +221,26 @@ class FastVPruner:
             handle.remove()
         self._handles = []
         self._reset_forward_state()
-        self._kept_positions = None
+        self._segments = {}
         self._decode_cache = None
         if _ACTIVE_PRUNERS.get(self.model) is self:
             del _ACTIVE_PRUNERS[self.model]
 
     def reseed(self, seed: int) -> None:
-        """Reset the generator handed to randomised strategies (e.g. once per evaluated sample)."""
+        """Reset the generator handed to randomised methods (e.g. once per evaluated sample)."""
         self.generator.manual_seed(seed)
 
-    def __enter__(self) -> "FastVPruner":
+    def __enter__(self) -> "Pruner":
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
     def _reset_forward_state(self) -> None:
-        self._prefill = None
-        self._captured = {}
-        self._attention = None
+        self._prompt = None
+        self._captured.clear()
         self._overrides = None
+        self._decoding = False
 
     # -- hooks -----------------------------------------------------------------------------------------------------
 
@@ -179,158 +248,205 @@ class FastVPruner:
         self._reset_forward_state()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
+            self._decoding = self._continues_pruned_cache(cache)
             return None  # a decode step (or a continuation): the selection was made at this cache's prefill
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        input_ids = self.adapter.input_ids(args, kwargs)
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
-                warnings.warn("FastV needs input_ids to find the image tokens; this call with inputs_embeds runs unpruned")
+                warnings.warn("pruning needs input_ids to find the image tokens; this call with inputs_embeds runs "
+                              "unpruned")
             return None
-        is_image = input_ids == self.image_token_id  # [batch, S]
-        counts = is_image.sum(dim=1)
-        if int(counts.max()) == 0:  # a new text-only prompt: runs unpruned
-            self.last_selection = None
-            self._kept_positions = None
-            return None
-        if bool((counts != counts[0]).any()):
-            raise ValueError(
-                f"every row of a batch must hold the same number of image tokens to prune; got {counts.tolist()}"
-            )
-        attention_mask = kwargs.get("attention_mask")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("FastV scores from the last prompt position and needs left padding (padding_side='left')")
-        num_image = int(counts[0])
-        image_positions = is_image.nonzero()[:, 1].view(input_ids.shape[0], num_image)
-        self._check_guide_span(image_positions, attention_mask, num_image)
-        self._prefill = _Prefill(image_positions, is_image, self.config.num_kept(num_image))
+        self._prompt = self._find_image_tokens(input_ids, kwargs.get("attention_mask"))
+        self._cache_ref = weakref.ref(cache) if cache is not None else None
+        if self._prompt is None:  # a new text-only prompt: runs unpruned
+            self.selections = []
+            self._segments = {}
         return None
+
+    def _find_image_tokens(self, input_ids: torch.Tensor, attention_mask) -> _Prompt | None:
+        """The image tokens of a prompt [batch, S]; the only host sync of a prefill reads their counts, starts and
+        whether the last position is padding."""
+        is_image = input_ids == self.adapter.image_token_id  # [batch, S]
+        counts = is_image.sum(dim=1)
+        image_start = is_image.int().argmax(dim=1)
+        padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        pads = (attention_mask == 0).sum(dim=1) if padded else torch.zeros_like(counts)
+        right_padded = (attention_mask[:, -1] == 0).any().long()[None] if padded else counts.new_zeros(1)
+        values = torch.cat([counts, image_start - pads, right_padded]).tolist()
+        batch = input_ids.shape[0]
+        counts_list, starts = values[:batch], values[batch : 2 * batch]
+        if max(counts_list) == 0:
+            return None
+        if min(counts_list) != max(counts_list):
+            raise ValueError(
+                f"every row of a batch must hold the same number of image tokens to prune; got {counts_list}"
+            )
+        if values[-1]:
+            raise ValueError("pruning scores from the last prompt position and needs left padding "
+                             "(padding_side='left')")
+        self._check_image_span(starts, counts_list[0])
+        num_image, seq_len = counts_list[0], input_ids.shape[1]
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
+        return _Prompt(
+            is_image=is_image,
+            num_image=num_image,
+            image_start=image_start,
+            image_positions=ordered_positions(is_image, num_image),
+            image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
+            positions=positions,
+        )
 
     def _on_forward_end(self, module, args, output):
         self._reset_forward_state()
 
-    def _capture_attention_inputs(self, module, args, kwargs):
-        if self._prefill is not None:
-            self._captured["mask"] = kwargs.get("attention_mask")
-            self._captured["rope"] = kwargs.get("position_embeddings")
-        return None
-
-    def _capture_query(self, module, args, output):
-        if self._prefill is not None:
-            self._captured["query"] = output[:, -1:]  # [batch, 1, heads * head_dim]
-
-    def _capture_keys(self, module, args, output):
-        if self._prefill is not None:
-            self._captured["keys"] = output  # [batch, S, kv_heads * head_dim]
-
-    def _score_last_query(self, module, args, output):
-        if self._prefill is None:
-            return None
-        captured, self._captured = self._captured, {}
-        keys = captured["keys"]
-        if keys.shape[1] != self._prefill.is_image.shape[1]:
-            raise RuntimeError(
-                "FastV prunes in a prefill that starts from an empty cache; this call continues a cache with image "
-                "tokens in the new input"
-            )
-        cos, sin = captured["rope"]
-        probs = last_query_attention(
-            captured["query"], keys, cos, sin, captured["mask"], self._head_dim, self._scaling
-        )  # [batch, heads, S]
-        positions = self._prefill.image_positions
-        index = positions[:, None, :].expand(-1, probs.shape[1], -1)
-        self._attention = probs.gather(2, index)  # [batch, heads, n_image]
-        return None
-
-    def _on_first_pruned_layer(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if self._prefill is not None and self._attention is not None:
-            args, kwargs = self._drop_tokens(args, kwargs, cache)
-        elif self._continues_pruned_cache(cache):
-            mask = kwargs.get("attention_mask")
-            if mask is not None:
-                key_length = mask.shape[-1]
-                generated = torch.arange(self._prompt_length, key_length, device=mask.device)
-                keys = torch.cat([self._kept_positions, generated.expand(self._kept_positions.shape[0], -1)], dim=1)
-                self._overrides = {"attention_mask": _gather_mask(mask, None, keys)}
+    def _on_layer(self, index: int, args, kwargs):
+        stage_index = self._stage_at.get(index)
+        if stage_index is not None and self._decoding:
+            self._overrides = self._decode_overrides(index, kwargs)  # from the model's own (full-length) inputs
         if self._overrides:
             kwargs.update(self._overrides)
+        if stage_index is not None and self._prompt is not None:
+            args, kwargs = self._run_stage(stage_index, args, kwargs)
         return args, kwargs
 
-    def _on_later_pruned_layer(self, module, args, kwargs):
-        if self._overrides:
-            kwargs.update(self._overrides)
-        return args, kwargs
+    # -- a stage in prefill -----------------------------------------------------------------------------------
 
-    # -- selection and the drop -----------------------------------------------------------------------------------
-
-    def _select(self) -> Selection:
-        prefill = self._prefill
-        attention = self._attention  # [batch, heads, n_image]
-        scores, head_index = run_strategy(self.strategy, attention, self.config, self.generator)
-        top = scores.topk(prefill.num_kept, dim=-1).indices.sort(dim=-1).values  # [batch, R]
-        keep = ~prefill.is_image
-        keep.scatter_(1, prefill.image_positions.gather(1, top), True)
-        batch, seq_len = keep.shape
-        num_kept = seq_len - prefill.image_positions.shape[1] + prefill.num_kept
-        order = torch.arange(seq_len, device=keep.device).expand(batch, -1)
-        # Kept positions first, in order, without a host sync: dropped ones are pushed past seq_len and cut off.
-        kept_positions = torch.where(keep, order, order + seq_len).sort(dim=-1).values[:, :num_kept]  # [batch, S']
-        return Selection(
-            kept_image_indices=top,
-            image_start=prefill.image_positions[:, 0],
-            scores=scores,
-            head_index=head_index,
-            kept_positions=kept_positions,
+    def _stage_inputs(self, stage: Stage, hidden: torch.Tensor, kwargs) -> StageInputs:
+        prompt = self._prompt
+        attention = None
+        if stage.attention_layer == stage.layer:
+            attention = self._own_attention(stage.layer, hidden, kwargs)
+        elif stage.attention_layer is not None:
+            attention = prompt.attention.pop(stage.attention_layer)
+        return StageInputs(
+            num_image_tokens=prompt.image_positions.shape[1],
+            num_original_image_tokens=prompt.num_image,
+            image_positions=prompt.image_positions,
+            image_indices=prompt.image_indices,
+            attention=attention,
+            hidden_states=hidden if stage.hidden_states else None,
+            generator=self.generator,
         )
 
-    def _drop_tokens(self, args, kwargs, cache):
-        selection = self._select()
-        kept = selection.kept_positions
-        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, S, hidden]
-        hidden = _gather_rows(hidden, kept, 1)  # [batch, S', hidden]
-        if args:
-            args = (hidden, *args[1:])
-        else:
-            kwargs["hidden_states"] = hidden
-        overrides = {"attention_mask": _gather_mask(kwargs.get("attention_mask"), kept, kept)}
-        if kwargs.get("position_embeddings") is not None:
-            cos, sin = kwargs["position_embeddings"]
-            overrides["position_embeddings"] = (_gather_rows(cos, kept, 1), _gather_rows(sin, kept, 1))
-        if kwargs.get("position_ids") is not None:
-            overrides["position_ids"] = _gather_rows(kwargs["position_ids"], kept, 1)
+    def _own_attention(self, layer: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        """Layer `layer`'s last-position attention over the current image tokens, from its input: [batch, heads, n]."""
+        layout = self.adapter.head_layout(layer)
+        query, keys = self.adapter.query_key_from_input(layer, hidden)
+        cos, sin = kwargs["position_embeddings"]
+        probs = last_query_attention(query, keys, cos, sin, kwargs.get("attention_mask"), layout.head_dim,
+                                     layout.scaling)
+        return image_attention(probs, self._prompt.image_positions)
+
+    def _run_stage(self, stage_index: int, args, kwargs):
+        stage, prompt = self.stages[stage_index], self._prompt
+        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, S_cur, hidden]
+        if hidden.shape[1] != prompt.positions.shape[1]:
+            raise RuntimeError("pruning happens in a prefill that starts from an empty cache; this call continues a "
+                               "cache with image tokens in the new input")
+        inputs = self._stage_inputs(stage, hidden, kwargs)
+        choice = self.method.choose(stage_index, inputs)
+        num_image = inputs.num_image_tokens
+        if tuple(choice.scores.shape) != (hidden.shape[0], num_image) or not 0 <= choice.num_kept <= num_image:
+            raise ValueError(
+                f"{self.method.name} returned scores of shape {tuple(choice.scores.shape)} and num_kept "
+                f"{choice.num_kept}; expected [batch, n] = {[hidden.shape[0], num_image]} and 0 <= num_kept <= {num_image}"
+            )
+        top = top_scores(choice.scores, choice.num_kept)  # [batch, R]
+        kept, keep = kept_sequence(prompt.image_positions, top, hidden.shape[1])  # [batch, S'], [batch, S_cur]
+        hidden = gather_rows(hidden, kept, 1)
+        args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        overrides = self._gathered_inputs(stage, kwargs, kept, keep, hidden)
+        self._record(stage, choice, top, kept, keep)
         self._overrides = overrides
-        self.last_selection = selection
-        self._kept_positions = kept
-        self._prompt_length = self._prefill.is_image.shape[1]
-        self._decode_cache = weakref.ref(cache) if cache is not None else None
-        self._prefill = None
-        self._attention = None
+        kwargs.update(overrides)
         return args, kwargs
+
+    def _gathered_inputs(self, stage: Stage, kwargs, kept, keep, hidden) -> dict:
+        overrides = {"attention_mask": gather_mask(kwargs.get("attention_mask"), kept, kept)}
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            position_ids = gather_rows(position_ids, kept, 1)
+            if stage.compact_positions:
+                dropped_before = gather_rows((~keep).long().cumsum(dim=1), kept, 1)
+                position_ids = position_ids - dropped_before
+            overrides["position_ids"] = position_ids
+        if kwargs.get("position_embeddings") is not None:
+            if stage.compact_positions:
+                overrides["position_embeddings"] = self.adapter.position_embeddings(hidden, position_ids)
+            else:
+                cos, sin = kwargs["position_embeddings"]
+                overrides["position_embeddings"] = (gather_rows(cos, kept, 1), gather_rows(sin, kept, 1))
+        return overrides
+
+    def _record(self, stage: Stage, choice, top, kept, keep) -> None:
+        prompt = self._prompt
+        new_index = keep.long().cumsum(dim=1) - 1  # [batch, S_cur]: a kept token's place in the new sequence
+        kept_image_positions = prompt.image_positions.gather(1, top)
+        candidates = prompt.image_indices
+        prompt.image_indices = candidates.gather(1, top)
+        prompt.image_positions = new_index.gather(1, kept_image_positions)
+        prompt.positions = prompt.positions.gather(1, kept)
+        previous = self._segments.get(self._previous_stage_layer(stage))
+        shift = previous.position_shift if previous is not None else 0
+        if stage.compact_positions:
+            shift += candidates.shape[1] - top.shape[1]
+        self._segments[stage.layer] = _Segment(prompt.positions, shift)
+        self._prompt_length = prompt.is_image.shape[1]
+        self._decode_cache = self._cache_ref
+        selection = Selection(
+            kept_image_indices=prompt.image_indices, image_start=prompt.image_start, scores=choice.scores,
+            head_index=choice.head_index, kept_positions=prompt.positions, layer=stage.layer,
+            candidate_image_indices=candidates,
+        )
+        self.selections = ([] if stage is self.stages[0] else self.selections) + [selection]
+
+    def _previous_stage_layer(self, stage: Stage) -> int | None:
+        index = self.stages.index(stage)
+        return self.stages[index - 1].layer if index else None
+
+    # -- decode steps on the pruned cache ---------------------------------------------------------------------------
 
     def _continues_pruned_cache(self, cache) -> bool:
-        return (
-            cache is not None
-            and self._kept_positions is not None
-            and self._decode_cache is not None
-            and self._decode_cache() is cache
-        )
+        return bool(self._segments) and self._decode_cache is not None and self._decode_cache() is cache
 
-    def _check_guide_span(self, image_positions: torch.Tensor, attention_mask, num_image: int) -> None:
-        if self._warned_span or (self.config.sys_length is None and self.config.image_token_length is None):
+    def _decode_overrides(self, layer: int, kwargs) -> dict:
+        """Inputs of the segment starting at `layer`: a materialised mask's key columns gathered to the segment's
+        cached prompt positions plus the generated ones; positions shifted down where they were compacted."""
+        segment = self._segments[layer]
+        overrides = {}
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kept = segment.kept_positions  # [batch, S_i]
+            generated = torch.arange(self._prompt_length, mask.shape[-1], device=kept.device)
+            keys = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
+            overrides["attention_mask"] = gather_mask(mask, None, keys)
+        if segment.position_shift and kwargs.get("position_ids") is not None:
+            position_ids = kwargs["position_ids"] - segment.position_shift
+            overrides["position_ids"] = position_ids
+            overrides["position_embeddings"] = self.adapter.position_embeddings(
+                kwargs["position_embeddings"][0], position_ids
+            )
+        return overrides
+
+    # -- the method's expectations of the prompt -------------------------------------------------------------------
+
+    def _check_image_span(self, starts: list[int], num_image: int) -> None:
+        if self._warned_span:
             return
-        start = image_positions[:, 0]
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            start = start - (attention_mask == 0).sum(dim=1)  # left padding does not count
-        detected_start = int(start[0])
-        mismatches = []
-        if self.config.sys_length is not None and bool((start != self.config.sys_length).any()):
-            mismatches.append(f"sys_length={self.config.sys_length} but the image starts at {detected_start}")
-        if self.config.image_token_length is not None and self.config.image_token_length != num_image:
-            mismatches.append(f"image_token_length={self.config.image_token_length} but the input has {num_image}")
-        if mismatches:
+        notice = self.method.check_image_span(starts, num_image)
+        if notice:
             self._warned_span = True
-            warnings.warn("FastV: " + "; ".join(mismatches) + ". Using the detected image span.", stacklevel=2)
+            warnings.warn(notice, stacklevel=3)
 
 
-def apply_fastv(model: torch.nn.Module, config: FastVConfig) -> FastVPruner:
-    """Make `model` drop image tokens after layer `config.agg_layer`. Returns the pruner (a context manager)."""
-    return FastVPruner(model, config)
+FastVPruner = Pruner
+
+
+def apply_pruning(model: torch.nn.Module, method: PruningMethod) -> Pruner:
+    """Make `model` prune image tokens as `method` says. Returns the pruner (a context manager)."""
+    return Pruner(model, method)
+
+
+def apply_fastv(model: torch.nn.Module, config: PruningMethod) -> Pruner:
+    """Make `model` drop image tokens after layer `config.agg_layer` (any pruning method is accepted)."""
+    return Pruner(model, config)

@@ -78,3 +78,32 @@ def gather_mask(mask: torch.Tensor | None, query_index: torch.Tensor | None, key
     if query_index is not None:
         mask = gather_rows(mask, query_index, 2)
     return gather_rows(mask, key_index, 3)
+
+
+def ordered_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Per row, the ascending positions where `flags` [batch, S] is True, the first `count` of them:
+    LongTensor[batch, count]. A sort instead of `nonzero`, so no host sync; rows must have >= count True."""
+    seq_len = flags.shape[1]
+    order = torch.arange(seq_len, device=flags.device).expand(flags.shape[0], -1)
+    return torch.where(flags, order, order + seq_len).sort(dim=-1).values[:, :count]
+
+
+def image_attention(probs: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """The columns of `probs` [batch, heads, S] at `image_positions` [batch, n]: [batch, heads, n]."""
+    return probs.gather(2, image_positions[:, None, :].expand(-1, probs.shape[1], -1))
+
+
+def top_scores(scores: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """Indices of the `num_kept` highest scores [batch, n] per row, ascending: LongTensor[batch, num_kept]."""
+    return scores.topk(num_kept, dim=-1).indices.sort(dim=-1).values
+
+
+def kept_sequence(image_positions: torch.Tensor, kept: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep every non-image token and the image tokens `kept` [batch, R] (indices into `image_positions`
+    [batch, n], sequence positions of the image tokens). Returns (kept_positions LongTensor[batch, S'] ascending,
+    keep BoolTensor[batch, S]) with S' = seq_len - n + R."""
+    batch, num_image = image_positions.shape
+    keep = torch.ones(batch, seq_len, dtype=torch.bool, device=image_positions.device)
+    keep.scatter_(1, image_positions, False)
+    keep.scatter_(1, image_positions.gather(1, kept), True)
+    return ordered_positions(keep, seq_len - num_image + kept.shape[1]), keep

@@ -1,0 +1,198 @@
+"""The method API: a pruning method is a dataclass whose fields are its parameters.
+
+A method declares its schedule (`stages`: before which decoder layers it prunes and what each stage needs to see)
+and chooses, at each stage, which of the image tokens still present to keep (`choose`). The pruner
+(`fastv_advanced.pruning`) owns the hooks, computes what a stage declared, does the top-k, the gathers and the KV
+cache bookkeeping, so a method is a few dozen lines. Everything around the core (result file names, fingerprints,
+labels, row order, plot colours, sweep grids, FLOPs) reads a method only through this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning step of a schedule.
+
+    layer: the step runs before decoder layer `layer` (0 = on the language model's input embeddings); layers
+        `layer..` see only the kept tokens.
+    attention_layer: the stage needs the attention probabilities of the last prompt position at this decoder layer
+        (over the image tokens still present). `layer - 1` reads what that layer computed; `layer` computes the
+        stage layer's own attention from its input (its input norm, q/k projections and RoPE). None: not needed.
+    hidden_states: the stage needs the input hidden states of `layer` (`StageInputs.hidden_states`).
+    compact_positions: kept tokens are renumbered 0..S'-1 (positions close the gaps) instead of keeping their
+        original positions.
+    """
+
+    layer: int
+    attention_layer: int | None = None
+    hidden_states: bool = False
+    compact_positions: bool = False
+
+
+@dataclass
+class StageInputs:
+    """What a stage sees (only what it declared is filled in).
+
+    num_image_tokens: n, the image tokens still present (every row has n).
+    num_original_image_tokens: the prompt's image tokens before any stage.
+    image_positions: LongTensor[batch, n], their positions in the current (already pruned) sequence, ascending.
+    image_indices: LongTensor[batch, n], their indices among the prompt's original image tokens.
+    attention: FloatTensor[batch, heads, n], the last prompt position's attention probabilities at the stage's
+        `attention_layer`, restricted to those image tokens (softmax over the whole causal row), or None.
+    hidden_states: FloatTensor[batch, S, hidden], the input of the stage's layer, or None.
+    generator: a seeded `torch.Generator` (on the CPU) for methods with randomness.
+    """
+
+    num_image_tokens: int
+    num_original_image_tokens: int
+    image_positions: torch.Tensor
+    image_indices: torch.Tensor
+    attention: torch.Tensor | None
+    hidden_states: torch.Tensor | None
+    generator: torch.Generator
+
+
+@dataclass
+class Choice:
+    """A stage's answer: keep the `num_kept` highest `scores` [batch, n] (higher is kept); `head_index`
+    LongTensor[batch] when the choice used one head."""
+
+    scores: torch.Tensor
+    num_kept: int
+    head_index: torch.Tensor | None = None
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_range(name: str, value, low=None, high=None, integer: bool = False) -> None:
+    """ValueError naming the parameter and its allowed range when `value` is outside [low, high] (or not a number,
+    or not an integer when `integer`)."""
+    bounds = f"[{'-inf' if low is None else format(low, 'g')}, {'inf' if high is None else format(high, 'g')}]"
+    if (not is_int(value)) if integer else (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{name}={value!r} is invalid: it must be {'an integer' if integer else 'a number'} in {bounds}")
+    if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is outside the allowed range {bounds}")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass
+class PruningMethod:
+    """Base class of the pruning methods. Subclasses are dataclasses; their fields are the parameters.
+
+    name: the registry name (`--pruning-method NAME`), also the start of result file names.
+    display_name: how tables and plots call the method.
+    budget_parameter: the field that sets how many tokens are kept (what a sweep solves for at a FLOPs target).
+    not_in_results: fields that never change what the method answers (left out of fingerprints and labels).
+    """
+
+    name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
+    budget_parameter: ClassVar[str | None] = None
+    not_in_results: ClassVar[tuple[str, ...]] = ()
+
+    # -- what a subclass implements --------------------------------------------------------------------------------
+
+    def stages(self, num_layers: int) -> list[Stage]:
+        """The schedule for a decoder of `num_layers` layers, stage layers ascending; ValueError naming the
+        parameter when it does not fit the model."""
+        raise NotImplementedError
+
+    def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
+        """Which image tokens stage `stage_index` keeps."""
+        raise NotImplementedError
+
+    # -- parameters, generic -----------------------------------------------------------------------------------
+
+    @classmethod
+    def parameter_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init]
+
+    def parameters(self) -> dict:
+        """Every parameter, as given."""
+        return {f.name: getattr(self, f.name) for f in self.parameter_fields()}
+
+    def result_parameters(self) -> dict:
+        """The parameters that change what the method answers (fingerprints, labels, file names)."""
+        return {k: v for k, v in self.parameters().items() if k not in self.not_in_results}
+
+    def changed_parameters(self) -> dict:
+        """Result parameters that differ from their defaults."""
+        defaults = type(self)()
+        return {k: v for k, v in self.result_parameters().items() if getattr(defaults, k) != v}
+
+    # -- presentation, generic (a method may override these) ---------------------------------------------------
+
+    def label(self) -> str:
+        """Human-readable, e.g. `PyramidDrop (ratio=0.3)`."""
+        changed = self.changed_parameters()
+        inner = ", ".join(f"{k}={_format_value(v)}" for k, v in changed.items())
+        return f"{self.display_name or self.name}" + (f" ({inner})" if inner else "")
+
+    def short_label(self) -> str:
+        """For plot annotations."""
+        return self.label()
+
+    def file_stem(self) -> str:
+        """The method's part of result file names: the name, then each non-default parameter."""
+        parts = [self.name] + [f"{k}{_format_value(v)}" for k, v in self.changed_parameters().items()]
+        return re.sub(r"[^A-Za-z0-9_.,-]", "-", "_".join(parts))
+
+    def sort_key(self) -> tuple:
+        """Row order among the runs of this method (the method's own name orders methods)."""
+        return tuple(_sortable(v) for v in self.result_parameters().values())
+
+    def group(self) -> str:
+        """Runs of one group share a plot colour (e.g. one selection rule)."""
+        return self.name
+
+    def run_label(self) -> str:
+        """The name of a run in progress bars and logs."""
+        return self.label()
+
+    def result_fields(self) -> dict:
+        """Extra fields a result file's `model_config` carries for this method (e.g. a guide's flag names)."""
+        return {}
+
+    def check_image_span(self, image_starts: list[int], num_image_tokens: int) -> str | None:
+        """A notice when the detected image span (first image position of each row, padding excluded, and the
+        image token count) differs from what the method was told to expect; None when fine."""
+        return None
+
+    @classmethod
+    def from_legacy_result(cls, section: dict) -> "PruningMethod | None":
+        """The method of a result file written before methods were recorded by name (None: not this method)."""
+        return None
+
+
+def jsonable(value):
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _sortable(value):
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
