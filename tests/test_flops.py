@@ -43,3 +43,18 @@ def test_shape_from_text_config():
                              num_key_value_heads=2, head_dim=None, hidden_act="silu")
     shape = DecoderShape.from_text_config(config)
     assert (shape.head_dim, shape.num_kv_heads, shape.gated_mlp) == (16, 2, True)
+
+
+def test_schedule_flops_sums_the_segments_between_stages():
+    from fastv_advanced.flops import DecoderShape, layer_flops, schedule_flops
+
+    shape = DecoderShape(hidden_size=64, intermediate_size=160, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16)
+    n, image = 100, 64
+    result = schedule_flops(shape, n, image, [(1, 40), (3, 12)])
+    expected = layer_flops(shape, n) + 2 * layer_flops(shape, n - 24) + layer_flops(shape, n - 52)
+    assert result["flops"] == expected
+    assert result["image_tokens_per_layer"] == [64, 40, 40, 12]
+    assert result["pruned_num_tokens"] == n - 52
+    before_the_model = schedule_flops(shape, n, image, [(0, 16)])
+    assert before_the_model["flops"] == 4 * layer_flops(shape, n - 48)
+    assert schedule_flops(shape, n, image, [])["ratio"] == 1.0

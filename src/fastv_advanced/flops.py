@@ -49,27 +49,39 @@ def layer_flops(shape: DecoderShape, num_tokens: int) -> int:
     return 2 * (projections + attention + ffn)
 
 
-def prefill_flops(
-    shape: DecoderShape, num_tokens: int, num_image_tokens: int, num_kept: int | None, agg_layer: int | None
+def schedule_flops(
+    shape: DecoderShape, num_tokens: int, num_image_tokens: int, stages: list[tuple[int, int]]
 ) -> dict:
-    """Decoder prefill FLOPs of one prompt with FastV and unpruned.
+    """Decoder prefill FLOPs of one prompt pruned by a schedule, and unpruned.
 
-    `num_kept`/`agg_layer` None means no pruning (ratio 1). Returns a dict with `flops`, `baseline_flops`,
-    `ratio`, `num_tokens`, `pruned_num_tokens`, and the shape used.
+    stages: (layer, image tokens kept from that layer on), layers ascending; a stage at layer 0 removes tokens
+    before the language model. The cost is summed over the segments between stages. Returns `flops`,
+    `baseline_flops`, `ratio`, `num_tokens`, `pruned_num_tokens` (after the last stage),
+    `image_tokens_per_layer` and the shape used.
     """
+    per_layer = [num_image_tokens] * shape.num_layers
+    for layer, kept in stages:
+        per_layer[layer:] = [kept] * (shape.num_layers - layer)
+    tokens = [num_tokens - (num_image_tokens - kept) for kept in per_layer]
     baseline = shape.num_layers * layer_flops(shape, num_tokens)
-    if num_kept is None or agg_layer is None or num_image_tokens == 0:
-        pruned_tokens, flops = num_tokens, baseline
-    else:
-        pruned_tokens = num_tokens - (num_image_tokens - num_kept)
-        flops = agg_layer * layer_flops(shape, num_tokens) + (shape.num_layers - agg_layer) * layer_flops(
-            shape, pruned_tokens
-        )
+    flops = sum(layer_flops(shape, n) for n in tokens)
     return {
         "flops": flops,
         "baseline_flops": baseline,
         "ratio": flops / baseline if baseline else 1.0,
         "num_tokens": num_tokens,
-        "pruned_num_tokens": pruned_tokens,
+        "pruned_num_tokens": tokens[-1] if tokens else num_tokens,
+        "image_tokens_per_layer": per_layer,
         "shape": asdict(shape),
     }
+
+
+def prefill_flops(
+    shape: DecoderShape, num_tokens: int, num_image_tokens: int, num_kept: int | None, agg_layer: int | None
+) -> dict:
+    """Decoder prefill FLOPs of one prompt with FastV (one stage: `num_kept` image tokens from layer `agg_layer`)
+    and unpruned; `num_kept`/`agg_layer` None means no pruning (ratio 1). See `schedule_flops`."""
+    pruned = num_kept is not None and agg_layer is not None and num_image_tokens > 0
+    result = schedule_flops(shape, num_tokens, num_image_tokens, [(agg_layer, num_kept)] if pruned else [])
+    del result["image_tokens_per_layer"]
+    return result
