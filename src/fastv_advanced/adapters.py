@@ -78,6 +78,10 @@ class LlavaAdapter:
         q_module, k_module = self.query_key_modules(layer)
         return q_module(normed[:, -1:]), k_module(normed)
 
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (gain included) on [batch, S, hidden]."""
+        return self.text_model.norm(hidden_states)
+
     def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         """RoPE (cos, sin) [batch, S, head_dim] for `position_ids` [batch, S]."""
         return self.text_model.rotary_emb(hidden_states, position_ids=position_ids)

@@ -30,7 +30,7 @@ from packaging.version import Version
 from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
 from .selection import gather_mask, gather_rows, image_attention, kept_sequence, last_query_attention
-from .selection import ordered_positions, top_scores
+from .selection import ordered_positions, rotated_keys, top_scores
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -45,7 +45,7 @@ class Selection:
     kept_image_indices: LongTensor[batch, R], ascending, 0-based among each row's original image tokens.
     image_start: LongTensor[batch], sequence position (padding included) of each row's first image token.
     scores: FloatTensor[batch, n], the method's scores of the n image tokens present at this stage
-        (`candidate_image_indices`).
+        (`candidate_image_indices`), or None for a method that picks without scores.
     head_index: LongTensor[batch] for head-based choices, else None.
     kept_positions: LongTensor[batch, S'], original sequence positions of the tokens layers from `layer` on see
         (all non-image tokens and the kept image tokens, ascending).
@@ -55,15 +55,20 @@ class Selection:
 
     kept_image_indices: torch.Tensor
     image_start: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     head_index: torch.Tensor | None
     kept_positions: torch.Tensor
     layer: int = 0
     candidate_image_indices: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if self.candidate_image_indices is None:  # a selection made by hand: every image token was a candidate
+            count = self.scores.shape[-1]
+            self.candidate_image_indices = torch.arange(count).expand(self.kept_image_indices.shape[0], -1)
+
     @property
     def num_image_tokens(self) -> int:
-        return self.scores.shape[-1]
+        return self.candidate_image_indices.shape[-1]
 
     @property
     def num_kept(self) -> int:
@@ -94,14 +99,16 @@ class _Prompt:
     image_indices: torch.Tensor
     positions: torch.Tensor
     attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
+    keys: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, S_cur, kv_heads * head_dim], RoPE'd
 
 
 @dataclass
 class _Segment:
-    """Layers from one stage to the next: the original prompt positions their cache holds [batch, S_i] and how far
-    their positions were compacted (tokens dropped before the generated ones)."""
+    """Layers from one stage to the next, for decode steps: `key_index` LongTensor[batch, S_i], where the prompt
+    tokens their cache holds sit among the key columns of the masks the model builds (laid out as layer 0's cache;
+    None: the same columns), and `position_shift`, the tokens dropped with renumbering before the generated ones."""
 
-    kept_positions: torch.Tensor
+    key_index: torch.Tensor | None
     position_shift: int
 
 
@@ -137,7 +144,7 @@ class Pruner:
         self._captured: dict = {}
         self._overrides: dict | None = None
         self._segments: dict[int, _Segment] = {}
-        self._prompt_length = 0
+        self._mask_layout: torch.Tensor | None = None  # [batch, S0]: original positions in layer 0's cache
         self._decode_cache = None
         self._decoding = False
         self._cache_ref = None
@@ -149,8 +156,10 @@ class Pruner:
             self.adapter.prompt_module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
             self.adapter.prompt_module.register_forward_hook(self._on_forward_end),
         ]
-        for layer in sorted({s.attention_layer for s in self.stages if s.attention_layer not in (None, s.layer)}):
-            self._hook_attention(layer)
+        attention_layers = {s.attention_layer for s in self.stages if s.attention_layer not in (None, s.layer)}
+        keys_layers = {s.keys_layer for s in self.stages if s.keys_layer not in (None, s.layer)}
+        for layer in sorted(attention_layers | keys_layers):
+            self._hook_attention(layer, layer in attention_layers, layer in keys_layers)
         for index in range(self.stages[0].layer, len(self.adapter.layers)):
             hook = self._on_layer
             self._handles.append(
@@ -165,14 +174,15 @@ class Pruner:
         for stage in self.stages:
             if stage.layer <= previous:
                 raise ValueError(f"{self.method.name}: stage layers must ascend, got {[s.layer for s in self.stages]}")
-            if stage.attention_layer is not None and not previous <= stage.attention_layer <= stage.layer:
-                raise ValueError(
-                    f"{self.method.name}: the stage before layer {stage.layer} reads layer {stage.attention_layer}'s "
-                    f"attention; it must lie in [{max(previous, 0)}, {stage.layer}]"
-                )
+            for what, layer in (("attention", stage.attention_layer), ("keys", stage.keys_layer)):
+                if layer is not None and not previous <= layer <= stage.layer:
+                    raise ValueError(
+                        f"{self.method.name}: the stage before layer {stage.layer} reads layer {layer}'s {what}; it "
+                        f"must lie in [{max(previous, 0)}, {stage.layer}]"
+                    )
             previous = stage.layer
 
-    def _hook_attention(self, layer: int) -> None:
+    def _hook_attention(self, layer: int, attention_wanted: bool, keys_wanted: bool) -> None:
         attention = self.adapter.attention(layer)
         q_module, k_module = self.adapter.query_key_modules(layer)
         layout = self.adapter.head_layout(layer)
@@ -183,7 +193,7 @@ class Pruner:
                 captured.update(mask=kwargs.get("attention_mask"), rope=kwargs.get("position_embeddings"))
 
         def query(module, args, output):
-            if self._prompt is not None:
+            if self._prompt is not None and attention_wanted:
                 captured["query"] = output[:, -1:]  # [batch, 1, heads * head_dim]
 
         def keys(module, args, output):
@@ -193,9 +203,12 @@ class Pruner:
         def score(module, args, output):
             if self._prompt is not None:
                 cos, sin = captured["rope"]
-                probs = last_query_attention(captured["query"], captured["keys"], cos, sin, captured["mask"],
-                                             layout.head_dim, layout.scaling)  # [batch, heads, S]
-                self._prompt.attention[layer] = image_attention(probs, self._prompt.image_positions)
+                if attention_wanted:
+                    probs = last_query_attention(captured["query"], captured["keys"], cos, sin, captured["mask"],
+                                                 layout.head_dim, layout.scaling)  # [batch, heads, S]
+                    self._prompt.attention[layer] = image_attention(probs, self._prompt.image_positions)
+                if keys_wanted:
+                    self._prompt.keys[layer] = rotated_keys(captured["keys"], cos, sin, layout.head_dim)
                 captured.clear()
 
         self._handles += [
@@ -313,11 +326,15 @@ class Pruner:
 
     def _stage_inputs(self, stage: Stage, hidden: torch.Tensor, kwargs) -> StageInputs:
         prompt = self._prompt
-        attention = None
-        if stage.attention_layer == stage.layer:
-            attention = self._own_attention(stage.layer, hidden, kwargs)
-        elif stage.attention_layer is not None:
+        attention = keys = None
+        if stage.attention_layer == stage.layer or stage.keys_layer == stage.layer:
+            own_attention, own_keys = self._own_attention(stage.layer, hidden, kwargs)
+            attention = own_attention if stage.attention_layer == stage.layer else None
+            keys = own_keys if stage.keys_layer == stage.layer else None
+        if stage.attention_layer not in (None, stage.layer):
             attention = prompt.attention.pop(stage.attention_layer)
+        if stage.keys_layer not in (None, stage.layer):
+            keys = prompt.keys.pop(stage.keys_layer)
         return StageInputs(
             num_image_tokens=prompt.image_positions.shape[1],
             num_original_image_tokens=prompt.num_image,
@@ -326,16 +343,19 @@ class Pruner:
             attention=attention,
             hidden_states=hidden if stage.hidden_states else None,
             generator=self.generator,
+            keys=keys,
+            adapter=self.adapter,
         )
 
-    def _own_attention(self, layer: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
-        """Layer `layer`'s last-position attention over the current image tokens, from its input: [batch, heads, n]."""
+    def _own_attention(self, layer: int, hidden: torch.Tensor, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s last-position attention over the current image tokens [batch, heads, n] and its keys after
+        RoPE [batch, S, kv_heads * head_dim], from its input."""
         layout = self.adapter.head_layout(layer)
         query, keys = self.adapter.query_key_from_input(layer, hidden)
         cos, sin = kwargs["position_embeddings"]
         probs = last_query_attention(query, keys, cos, sin, kwargs.get("attention_mask"), layout.head_dim,
                                      layout.scaling)
-        return image_attention(probs, self._prompt.image_positions)
+        return image_attention(probs, self._prompt.image_positions), rotated_keys(keys, cos, sin, layout.head_dim)
 
     def _run_stage(self, stage_index: int, args, kwargs):
         stage, prompt = self.stages[stage_index], self._prompt
@@ -345,21 +365,38 @@ class Pruner:
                                "cache with image tokens in the new input")
         inputs = self._stage_inputs(stage, hidden, kwargs)
         choice = self.method.choose(stage_index, inputs)
-        num_image = inputs.num_image_tokens
-        if tuple(choice.scores.shape) != (hidden.shape[0], num_image) or not 0 <= choice.num_kept <= num_image:
-            raise ValueError(
-                f"{self.method.name} returned scores of shape {tuple(choice.scores.shape)} and num_kept "
-                f"{choice.num_kept}; expected [batch, n] = {[hidden.shape[0], num_image]} and 0 <= num_kept <= {num_image}"
-            )
-        top = top_scores(choice.scores, choice.num_kept)  # [batch, R]
+        top = self._kept_indices(choice, hidden.shape[0], inputs.num_image_tokens)  # [batch, R]
         kept, keep = kept_sequence(prompt.image_positions, top, hidden.shape[1])  # [batch, S'], [batch, S_cur]
         hidden = gather_rows(hidden, kept, 1)
-        args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
         overrides = self._gathered_inputs(stage, kwargs, kept, keep, hidden)
         self._record(stage, choice, top, kept, keep)
+        if choice.replacement is not None:
+            index = prompt.image_positions[..., None].expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.scatter(1, index, choice.replacement.to(hidden.dtype))
+        args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
         self._overrides = overrides
         kwargs.update(overrides)
         return args, kwargs
+
+    def _kept_indices(self, choice, batch: int, num_image: int) -> torch.Tensor:
+        """The kept image tokens of a `Choice`, ascending: LongTensor[batch, R]; ValueError on a malformed one."""
+        name = self.method.name
+        if choice.kept is not None:
+            if choice.kept.dim() != 2 or choice.kept.shape[0] != batch or choice.kept.shape[1] > num_image:
+                raise ValueError(f"{name} kept indices of shape {tuple(choice.kept.shape)}; expected [batch, R] = "
+                                 f"[{batch}, R <= {num_image}]")
+            top = choice.kept.sort(dim=-1).values
+        else:
+            if choice.scores is None or tuple(choice.scores.shape) != (batch, num_image) or choice.num_kept is None \
+                    or not 0 <= choice.num_kept <= num_image:
+                shape = None if choice.scores is None else tuple(choice.scores.shape)
+                raise ValueError(f"{name} returned scores of shape {shape} and num_kept {choice.num_kept}; expected "
+                                 f"[batch, n] = {[batch, num_image]} and 0 <= num_kept <= {num_image}")
+            top = top_scores(choice.scores, choice.num_kept)
+        if choice.replacement is not None and tuple(choice.replacement.shape[:2]) != tuple(top.shape):
+            raise ValueError(f"{name} replacement of shape {tuple(choice.replacement.shape)}; expected "
+                             f"[batch, R, hidden] with [batch, R] = {list(top.shape)}")
+        return top
 
     def _gathered_inputs(self, stage: Stage, kwargs, kept, keep, hidden) -> dict:
         overrides = {"attention_mask": gather_mask(kwargs.get("attention_mask"), kept, kept)}
@@ -390,8 +427,12 @@ class Pruner:
         shift = previous.position_shift if previous is not None else 0
         if stage.compact_positions:
             shift += candidates.shape[1] - top.shape[1]
-        self._segments[stage.layer] = _Segment(prompt.positions, shift)
-        self._prompt_length = prompt.is_image.shape[1]
+        if stage.layer == 0:  # the cache of layer 0, which sizes decode masks, holds the pruned prompt
+            self._mask_layout = prompt.positions
+        elif stage is self.stages[0]:
+            self._mask_layout = torch.arange(prompt.is_image.shape[1], device=kept.device).expand(kept.shape[0], -1)
+        key_index = None if stage.layer == 0 else torch.searchsorted(self._mask_layout.contiguous(), prompt.positions)
+        self._segments[stage.layer] = _Segment(key_index, shift)
         self._decode_cache = self._cache_ref
         selection = Selection(
             kept_image_indices=prompt.image_indices, image_start=prompt.image_start, scores=choice.scores,
@@ -415,9 +456,9 @@ class Pruner:
         segment = self._segments[layer]
         overrides = {}
         mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kept = segment.kept_positions  # [batch, S_i]
-            generated = torch.arange(self._prompt_length, mask.shape[-1], device=kept.device)
+        if mask is not None and segment.key_index is not None:
+            kept = segment.key_index  # [batch, S_i]
+            generated = torch.arange(self._mask_layout.shape[1], mask.shape[-1], device=kept.device)
             keys = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
             overrides["attention_mask"] = gather_mask(mask, None, keys)
         if segment.position_shift and kwargs.get("position_ids") is not None:

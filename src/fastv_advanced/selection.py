@@ -107,3 +107,10 @@ def kept_sequence(image_positions: torch.Tensor, kept: torch.Tensor, seq_len: in
     keep.scatter_(1, image_positions, False)
     keep.scatter_(1, image_positions.gather(1, kept), True)
     return ordered_positions(keep, seq_len - num_image + kept.shape[1]), keep
+
+
+def rotated_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Keys [batch, S, kv_heads * head_dim] before RoPE -> after RoPE, same shape (cos, sin [batch or 1, S, d])."""
+    batch, seq_len, width = keys.shape
+    heads = keys.view(batch, seq_len, width // head_dim, head_dim).transpose(1, 2)
+    return apply_rope(heads, cos, sin).transpose(1, 2).reshape(batch, seq_len, width)

@@ -27,6 +27,8 @@ class Stage:
     attention_layer: the stage needs the attention probabilities of the last prompt position at this decoder layer
         (over the image tokens still present). `layer - 1` reads what that layer computed; `layer` computes the
         stage layer's own attention from its input (its input norm, q/k projections and RoPE). None: not needed.
+    keys_layer: the stage needs that layer's keys after RoPE for every current token (`StageInputs.keys`); same
+        rules as `attention_layer`.
     hidden_states: the stage needs the input hidden states of `layer` (`StageInputs.hidden_states`).
     compact_positions: kept tokens are renumbered 0..S'-1 (positions close the gaps) instead of keeping their
         original positions.
@@ -34,6 +36,7 @@ class Stage:
 
     layer: int
     attention_layer: int | None = None
+    keys_layer: int | None = None
     hidden_states: bool = False
     compact_positions: bool = False
 
@@ -49,7 +52,9 @@ class StageInputs:
     attention: FloatTensor[batch, heads, n], the last prompt position's attention probabilities at the stage's
         `attention_layer`, restricted to those image tokens (softmax over the whole causal row), or None.
     hidden_states: FloatTensor[batch, S, hidden], the input of the stage's layer, or None.
+    keys: FloatTensor[batch, S, kv_heads * head_dim], the stage's `keys_layer` keys after RoPE, or None.
     generator: a seeded `torch.Generator` (on the CPU) for methods with randomness.
+    adapter: the model family's adapter (`final_norm`, `embed_tokens`, ...), for methods that need a module.
     """
 
     num_image_tokens: int
@@ -59,16 +64,22 @@ class StageInputs:
     attention: torch.Tensor | None
     hidden_states: torch.Tensor | None
     generator: torch.Generator
+    keys: torch.Tensor | None = None
+    adapter: object = None
 
 
 @dataclass
 class Choice:
-    """A stage's answer: keep the `num_kept` highest `scores` [batch, n] (higher is kept); `head_index`
-    LongTensor[batch] when the choice used one head."""
+    """A stage's answer, per batch row: either the `num_kept` highest `scores` [batch, n] (higher is kept), or the
+    indices `kept` LongTensor[batch, R] into the n image tokens (any order; `scores` then optional, for display).
+    `head_index` LongTensor[batch] when the choice used one head. `replacement` FloatTensor[batch, R, hidden]
+    replaces the hidden states of the kept image tokens (in ascending order), for methods that merge tokens."""
 
-    scores: torch.Tensor
-    num_kept: int
+    scores: torch.Tensor | None = None
+    num_kept: int | None = None
     head_index: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    replacement: torch.Tensor | None = None
 
 
 def is_int(value) -> bool:

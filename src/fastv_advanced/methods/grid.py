@@ -1,0 +1,80 @@
+"""Spatial baselines on the square patch grid (g x g image tokens, g = sqrt(n)), before the language model.
+
+`uniform`: keep the regular sub-grid of every `stride`-th row and column, starting at `stride // 2` (the middle of
+each stride x stride cell): stride 2 keeps 144 of 576, stride 3 keeps 64.
+`pool`: 2-D average pooling of the projected image embeddings with a `size` x `size` window and the same stride
+(floor mode): size 2 gives 144 of 576, size 3 gives 64. The pooled tokens take the first image slots.
+Both shorten the sequence from layer 0, so positions are contiguous. The literature names these baselines
+without one reference implementation; these are the usual conventions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import register_method
+from .base import Choice, PruningMethod, Stage, StageInputs, check_range
+
+
+def grid_side(num_image_tokens: int) -> int:
+    """g for a square g x g grid; ValueError when the image tokens do not form one."""
+    side = math.isqrt(num_image_tokens)
+    if side * side != num_image_tokens:
+        raise ValueError(f"the {num_image_tokens} image tokens do not form a square patch grid")
+    return side
+
+
+@register_method
+@dataclass
+class UniformGrid(PruningMethod):
+    """stride: keep every stride-th row and column of patches (>= 1)."""
+
+    name: ClassVar[str] = "uniform"
+    display_name: ClassVar[str] = "Uniform grid"
+    budget_parameter: ClassVar[str] = "stride"
+
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        check_range("stride", self.stride, 1, None, integer=True)
+
+    def stages(self, num_layers: int) -> list[Stage]:
+        return [Stage(layer=0, compact_positions=True)]
+
+    def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
+        side = grid_side(inputs.num_image_tokens)
+        lines = torch.arange(self.stride // 2, side, self.stride, device=inputs.image_positions.device)
+        kept = (lines[:, None] * side + lines[None, :]).flatten()  # row-major patch indices
+        return Choice(kept=kept.expand(inputs.image_positions.shape[0], -1))
+
+
+@register_method
+@dataclass
+class AveragePool(PruningMethod):
+    """size: the pooling window and stride (>= 1)."""
+
+    name: ClassVar[str] = "pool"
+    display_name: ClassVar[str] = "Average pooling"
+    budget_parameter: ClassVar[str] = "size"
+
+    size: int = 2
+
+    def __post_init__(self) -> None:
+        check_range("size", self.size, 1, None, integer=True)
+
+    def stages(self, num_layers: int) -> list[Stage]:
+        return [Stage(layer=0, hidden_states=True, compact_positions=True)]
+
+    def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
+        side = grid_side(inputs.num_image_tokens)
+        hidden = inputs.hidden_states
+        image = hidden.gather(1, inputs.image_positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        grid = image.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[-1], side, side)
+        pooled = torch.nn.functional.avg_pool2d(grid, self.size)  # [batch, hidden, g', g']
+        pooled = pooled.flatten(2).transpose(1, 2)  # [batch, g'^2, hidden], row-major
+        kept = torch.arange(pooled.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        return Choice(kept=kept, replacement=pooled)
