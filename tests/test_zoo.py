@@ -185,3 +185,59 @@ def test_grid_methods_refuse_a_non_square_image():
     assert grid_side(576) == 24 and math.isqrt(64) == grid_side(64)
     with pytest.raises(ValueError, match="the 50 image tokens do not form a square patch grid"):
         grid_side(50)
+
+
+def visionzip_reference(model, inputs, dominant, contextual) -> torch.Tensor:
+    """VisionZip written out on an eager copy of the vision tower: [batch, D + C, hidden] language-model inputs."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation({"text_config": "eager", "vision_config": "eager"})
+    tower = reference.model.vision_tower
+    with torch.no_grad():
+        out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+        layer = getattr(tower, "vision_model", tower).encoder.layers[-2]
+        heads = layer.self_attn.num_heads
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))
+        keys = keys.view(*keys.shape[:2], heads, -1).mean(dim=2)  # [batch, T, d]
+        attention, hidden = out.attentions[-2], out.hidden_states[-2]  # [batch, heads, T, T], [batch, T, width]
+        rows = []
+        for b in range(hidden.shape[0]):
+            cls = [float(sum(attention[b, h, 0, j] for h in range(heads))) for j in range(hidden.shape[1])]
+            best = sorted(range(1, hidden.shape[1]), key=lambda j: -cls[j])[: dominant - 1]
+            kept = [0] + sorted(best)
+            rest = [j for j in range(hidden.shape[1]) if j not in kept]
+            step = max(1, len(rest) // contextual)
+            targets = [rest[i] for i in range(0, len(rest), step)][:contextual]
+            unit = {j: keys[b, j] / keys[b, j].norm() for j in rest}
+            groups = {t: [] for t in targets}
+            for j in rest:
+                if j not in targets:
+                    groups[max(targets, key=lambda t: float(unit[j] @ unit[t]))].append(j)
+            merged = [hidden[b, t] + (sum(hidden[b, j] for j in groups[t]) / len(groups[t]) if groups[t] else 0)
+                      for t in targets]
+            rows.append(torch.stack([hidden[b, j] for j in kept] + merged))
+        return reference.model.multi_modal_projector(torch.stack(rows))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_visionzip_equals_a_shorter_prompt_of_its_tokens(tiny, rows):
+    model, processor, eager = tiny
+    inputs = make_inputs(processor, PROMPTS[:rows], seeds=[29, 30][:rows])
+    selections, out_logits, _, generated = run(model, build_method("visionzip", {"dominant": "8", "contextual": "4"}),
+                                               inputs)
+    embeds = ref.embeddings(model, inputs)
+    tokens = visionzip_reference(model, inputs, 8, 4)
+    shortened = torch.stack([
+        torch.cat([embeds[b, : image[0]], tokens[b], embeds[b, image[-1] + 1:]])
+        for b, image in enumerate(image_positions(inputs, model))
+    ])
+    seq_len = shortened.shape[1]
+    mask = inputs["attention_mask"][:, :seq_len]
+    none = [torch.zeros(rows, seq_len, dtype=torch.bool)] * len(eager.model.language_model.layers)
+    expected, _ = ref.segmented_forward(eager, shortened, mask, torch.arange(seq_len).expand(rows, -1), none, none)
+    assert selections[0].num_kept == 12 and out_logits.shape[1] == seq_len
+    for b in range(rows):
+        real = mask[b].bool()
+        torch.testing.assert_close(out_logits[b][real], expected[b][real], rtol=1e-4, atol=1e-4)
+    assert generated.tolist() == ref.schedule_greedy_generate(eager, shortened, mask, none, none, 4).tolist()

@@ -82,6 +82,21 @@ class LlavaAdapter:
         """The language model's final norm (gain included) on [batch, S, hidden]."""
         return self.text_model.norm(hidden_states)
 
+    def vision_select_layer(self) -> torch.nn.Module:
+        """The vision encoder layer whose output the projector reads (`vision_feature_layer`, one layer only);
+        it has `layer_norm1` and `self_attn.q_proj/k_proj` (CLIP-style, with a [CLS] token first)."""
+        feature_layer = self.model.config.vision_feature_layer
+        if not isinstance(feature_layer, int) or feature_layer == 0:
+            raise ValueError(f"vision_feature_layer={feature_layer!r}: methods that read the vision tower need one "
+                             "encoder layer")
+        tower = self.vlm.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        return layers[feature_layer if feature_layer < 0 else feature_layer - 1]
+
+    def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector: vision features [batch, T, width] -> language-model inputs [batch, T, hidden]."""
+        return self.vlm.multi_modal_projector(features)
+
     def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         """RoPE (cos, sin) [batch, S, head_dim] for `position_ids` [batch, S]."""
         return self.text_model.rotary_emb(hidden_states, position_ids=position_ids)

@@ -29,6 +29,7 @@ from packaging.version import Version
 
 from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
+from .methods.base import VisionFeatures
 from .selection import gather_mask, gather_rows, image_attention, kept_sequence, last_query_attention
 from .selection import ordered_positions, rotated_keys, top_scores
 
@@ -148,6 +149,7 @@ class Pruner:
         self._decode_cache = None
         self._decoding = False
         self._cache_ref = None
+        self._vision: VisionFeatures | None = None
 
         previous = _ACTIVE_PRUNERS.get(model)
         if previous is not None:
@@ -160,6 +162,8 @@ class Pruner:
         keys_layers = {s.keys_layer for s in self.stages if s.keys_layer not in (None, s.layer)}
         for layer in sorted(attention_layers | keys_layers):
             self._hook_attention(layer, layer in attention_layers, layer in keys_layers)
+        if any(stage.vision for stage in self.stages):
+            self._hook_vision()
         for index in range(self.stages[0].layer, len(self.adapter.layers)):
             hook = self._on_layer
             self._handles.append(
@@ -180,6 +184,8 @@ class Pruner:
                         f"{self.method.name}: the stage before layer {stage.layer} reads layer {layer}'s {what}; it "
                         f"must lie in [{max(previous, 0)}, {stage.layer}]"
                     )
+            if stage.vision and stage.layer != 0:
+                raise ValueError(f"{self.method.name}: a stage that reads the vision tower must prune at layer 0")
             previous = stage.layer
 
     def _hook_attention(self, layer: int, attention_wanted: bool, keys_wanted: bool) -> None:
@@ -217,6 +223,21 @@ class Pruner:
             k_module.register_forward_hook(keys),
             attention.register_forward_hook(score),
         ]
+
+    def _hook_vision(self) -> None:
+        """Capture the vision tower's select layer whenever it runs: `generate` may encode the image before the
+        prompt module's forward starts. The next stage that reads it takes it."""
+        layer = self.adapter.vision_select_layer()
+        captured = {}
+
+        def inputs(module, args, kwargs):
+            captured["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def outputs(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._vision = vision_features(layer, captured.pop("input"), hidden)
+
+        self._handles += [layer.register_forward_pre_hook(inputs, with_kwargs=True), layer.register_forward_hook(outputs)]
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
@@ -345,7 +366,14 @@ class Pruner:
             generator=self.generator,
             keys=keys,
             adapter=self.adapter,
+            vision=self._take_vision() if stage.vision else None,
         )
+
+    def _take_vision(self) -> VisionFeatures:
+        vision, self._vision = self._vision, None
+        if vision is None:
+            raise RuntimeError(f"{self.method.name} reads the vision tower, which did not run for this prompt")
+        return vision
 
     def _own_attention(self, layer: int, hidden: torch.Tensor, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s last-position attention over the current image tokens [batch, heads, n] and its keys after
@@ -478,6 +506,19 @@ class Pruner:
         if notice:
             self._warned_span = True
             warnings.warn(notice, stacklevel=3)
+
+
+def vision_features(layer: torch.nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
+    """The [CLS] attention row and head-mean keys of a CLIP-style encoder layer from its input [batch, T, width],
+    with its output [batch, T, width]."""
+    attention = layer.self_attn
+    batch, tokens, width = inputs.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    normed = layer.layer_norm1(inputs)
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [batch, heads, 1, d]
+    keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # [batch, heads, T, d]
+    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scale  # [batch, heads, T]
+    return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=outputs)
 
 
 FastVPruner = Pruner

@@ -30,6 +30,7 @@ class Stage:
     keys_layer: the stage needs that layer's keys after RoPE for every current token (`StageInputs.keys`); same
         rules as `attention_layer`.
     hidden_states: the stage needs the input hidden states of `layer` (`StageInputs.hidden_states`).
+    vision: the stage needs the vision tower's select layer (`StageInputs.vision`); only at layer 0.
     compact_positions: kept tokens are renumbered 0..S'-1 (positions close the gaps) instead of keeping their
         original positions.
     """
@@ -39,6 +40,21 @@ class Stage:
     keys_layer: int | None = None
     hidden_states: bool = False
     compact_positions: bool = False
+    vision: bool = False
+
+
+@dataclass
+class VisionFeatures:
+    """The vision tower's feature-select layer (the one whose output the projector reads), per image.
+
+    cls_attention: FloatTensor[batch, heads, T], the [CLS] query's attention probabilities over its T tokens
+        ([CLS] first, then the patches); keys: FloatTensor[batch, T, head_dim], that layer's keys (before scaling)
+        averaged over heads; hidden_states: FloatTensor[batch, T, width], its output.
+    """
+
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    hidden_states: torch.Tensor
 
 
 @dataclass
@@ -54,7 +70,8 @@ class StageInputs:
     hidden_states: FloatTensor[batch, S, hidden], the input of the stage's layer, or None.
     keys: FloatTensor[batch, S, kv_heads * head_dim], the stage's `keys_layer` keys after RoPE, or None.
     generator: a seeded `torch.Generator` (on the CPU) for methods with randomness.
-    adapter: the model family's adapter (`final_norm`, `embed_tokens`, ...), for methods that need a module.
+    adapter: the model family's adapter (`final_norm`, `project_image_features`, ...), for methods that need one.
+    vision: the vision tower's select-layer features (`VisionFeatures`), or None.
     """
 
     num_image_tokens: int
@@ -66,6 +83,7 @@ class StageInputs:
     generator: torch.Generator
     keys: torch.Tensor | None = None
     adapter: object = None
+    vision: VisionFeatures | None = None
 
 
 @dataclass
