@@ -38,182 +38,28 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 try:
     import fastv_advanced  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: use its src/ directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from fastv_advanced import FastVConfig, apply_fastv  # noqa: E402
 from fastv_advanced.flops import DecoderShape, prefill_flops  # noqa: E402
-from fastv_advanced.selection import last_query_attention  # noqa: E402
 from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
-from fastv_advanced.strategies import get_strategy, run_strategy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 from measure import (  # noqa: E402
     MemoryProbe, Stopwatch, busy_cores, cpu_peak_supported, fix_mmap_threshold, load_average, synchronize,
 )
-
-GRID_K = (1, 2, 3)
-GRID_RANKS = (576, 432, 288, 144, 72, 0)  # for 576 image tokens; scaled proportionally for other image sizes
-PRUNED_MODES = ("drop", "mask", "eager_fastv")
-ALL_MODES = ("baseline", "eager_baseline") + PRUNED_MODES
-IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS, EOS = 32000, 32001, 1, 2
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# presets
-
-
-@dataclass
-class Preset:
-    name: str
-    device: str
-    dtype: str
-    text: dict  # LlamaConfig fields
-    vision: dict  # CLIPVisionConfig fields
-    n_before_image: int = 35  # BOS + system prompt + "USER:" (DESIGN.md section 5: the image starts at 35)
-    n_after_image: int = 60  # question, options, "ASSISTANT:"
-    qk_scale: float = 2.0  # random init gives near-uniform attention; sharpen it so rankings are not float noise
-    vision_note: str = ""
-    # what the default (non-smoke) run measures
-    side_by_side_k: tuple = GRID_K  # K values at which mask / eager modes run (drop runs the full grid)
-    e2e_k: tuple = (2,)
-    e2e_ranks: tuple = GRID_RANKS
-    new_tokens: tuple = (1, 32)
-    warmup: int = 1
-    min_reps: int = 3
-    max_reps: int = 5
-    anchor_every: int = 3  # in prefill rounds, the baseline runs again after every this many configurations
-    e2e_min_reps: int = 1
-    e2e_max_reps: int = 3
-    e2e_warmup: bool = True  # one untimed short generate per configuration before the timed rounds
-    time_budget_s: float = 540.0
-
-
-LLAVA7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32064)
-CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                 image_size=336, patch_size=14, projection_dim=768)
-
-PRESETS = {
-    "llava7b": Preset(
-        name="llava7b", device="cuda", dtype="float16", text=LLAVA7B_TEXT, vision=CLIP_L336,
-        vision_note="CLIP ViT-L/14-336 shapes (24 layers, hidden 1024): cheap next to the 7B decoder on a GPU "
-                    "(~4% of prefill FLOPs), so the end-to-end numbers keep LLaVA-1.5's real proportions",
-        side_by_side_k=GRID_K, e2e_k=(2,), warmup=2, min_reps=5, max_reps=15, anchor_every=3,
-        e2e_min_reps=1, e2e_max_reps=3, time_budget_s=270.0,
-    ),
-    "scaled": Preset(
-        name="scaled", device="cpu", dtype="float32",
-        text=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=32064),
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=4,
-                    image_size=336, patch_size=14, projection_dim=256),
-        vision_note="stand-in CLIP (hidden 256, 5 layers, 336px / patch 14 = 576 tokens) sized so the vision "
-                    "tower is ~4% of prefill FLOPs, as CLIP ViT-L/14-336 is for LLaVA-1.5-7B; the real ViT-L would "
-                    "cost more than this scaled decoder on a CPU",
-        side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288, 144), warmup=1, min_reps=3, max_reps=10,
-        anchor_every=3, e2e_min_reps=1, e2e_max_reps=3, time_budget_s=480.0,
-    ),
-    "tiny": Preset(
-        name="tiny", device="cpu", dtype="float32",
-        text=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=32064),
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=32, patch_size=4, projection_dim=32),
-        n_before_image=8, n_after_image=10, qk_scale=4.0,
-        vision_note="toy CLIP (32px / patch 4 = 64 image tokens) for tests",
-        side_by_side_k=(1, 2), e2e_k=(2,), e2e_ranks=(576, 288, 0), new_tokens=(1, 4), warmup=1, min_reps=1,
-        max_reps=2, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1, time_budget_s=60.0,
-    ),
-}
-
-# --smoke: same code path, smallest grid, one timed round (also shrinks llava7b's widths when run on a CPU)
-SMOKE = dict(grid_k=(2,), grid_ranks=(576, 288, 0), side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288,),
-             new_tokens=(1, 4), warmup=0, e2e_warmup=False, min_reps=1, max_reps=1, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1)
-LLAVA7B_CPU_SMOKE_TEXT = dict(LLAVA7B_TEXT, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                              num_attention_heads=2, num_key_value_heads=2)
-LLAVA7B_CPU_SMOKE_VISION = dict(CLIP_L336, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=2, projection_dim=64)
+from modes import ALL_MODES, PRUNED_MODES, Config, mode_context, text_attention  # noqa: E402
+from presets import (  # noqa: E402
+    GRID_K, GRID_RANKS, PRESETS, build_inputs, build_model, image_token_count, resolve_preset, resolve_settings,
+)
+from selection_cost import selection_inputs, selection_memory_scaling, time_selection  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# model and inputs
-
-
-def build_model(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> LlavaForConditionalGeneration:
-    """A random-weight LLaVA-1.5-layout model created directly on `device` in `dtype`."""
-    vision = CLIPVisionConfig(**preset.vision)
-    text = LlamaConfig(**preset.text, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=PAD_TOKEN_ID,
-                       bos_token_id=BOS, eos_token_id=EOS)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                         vision_feature_layer=-2, pad_token_id=PAD_TOKEN_ID)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(preset.qk_scale)
-            layer.self_attn.k_proj.weight.mul_(preset.qk_scale)
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    model.generation_config = GenerationConfig(do_sample=False, bos_token_id=BOS, eos_token_id=EOS,
-                                               pad_token_id=PAD_TOKEN_ID)
-    return model.eval()
-
-
-def build_inputs(model, preset: Preset, device: torch.device, dtype: torch.dtype, batch: int, seed: int) -> dict:
-    """[BOS, system + "USER:" ids, 576 x <image>, question ids]: input_ids, attention_mask, pixel_values."""
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        before = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_before_image - 1,), generator=g)
-        after = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_after_image,), generator=g)
-        rows.append(torch.cat([torch.tensor([BOS]), before, torch.full((n_image,), IMAGE_TOKEN_ID), after]))
-    input_ids = torch.stack(rows).to(device)
-    pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g).to(device, dtype)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# configurations
-
-
-@dataclass(frozen=True)
-class Config:
-    mode: str
-    k: int | None = None
-    rank: int | None = None
-
-    @property
-    def key(self) -> str:
-        return self.mode if self.k is None else f"{self.mode}/K{self.k}/R{self.rank}"
-
-
-def text_attention(mode: str) -> str:
-    return "eager" if mode.startswith("eager") else "sdpa"
-
-
-def mode_context(model, config: Config):
-    """Switch the text model's attention for the mode and enter its pruning context."""
-    impl = text_attention(config.mode)
-    if model.config.text_config._attn_implementation != impl:
-        model.set_attn_implementation({"text_config": impl})
-    if config.k is None:
-        return contextlib.nullcontext(None)
-    fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
-    if config.mode == "drop":
-        return apply_fastv(model, fastv)
-    if config.mode == "mask":
-        return MaskModeFastV(model, fastv)
-    if config.mode == "eager_fastv":
-        return EagerFastV(model, fastv)
-    raise ValueError(config.mode)
+# timing
 
 
 class DecoderTimer:
@@ -270,17 +116,9 @@ class Bench:
 
     def selection(self, config: Config, reps: int = 5) -> None:
         """The selection step alone on the captured layer K-1 tensors: median of `reps` back-to-back calls."""
-        c = self.selection_tensors[config.k]
-        fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
-        strategy, generator = get_strategy(fastv.token_selection_method), torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            for name, gathers in (("selection_s", False), ("selection_and_gathers_s", True)):
-                times = []
-                for _ in range(reps):
-                    with Stopwatch(self.device) as watch:
-                        selection_step(c, config.rank, fastv, strategy, generator, gathers)
-                    times.append(watch.seconds)
-                self._record(config, name, statistics.median(times))
+        medians = time_selection(self.selection_tensors[config.k], config.k, config.rank, self.device, reps)
+        for name, seconds in medians.items():
+            self._record(config, name, seconds)
 
     def prefill(self, config: Config, record: bool = True, memory: bool = False) -> None:
         timer = DecoderTimer(self.model.model.language_model, self.device)
@@ -384,97 +222,6 @@ def paired_speedups(visits: list, index: int) -> dict:
             if neighbours:
                 ratios.setdefault(v[1], []).append(statistics.mean(neighbours) / v[index])
     return {key: statistics.median(r) for key, r in ratios.items()}
-
-
-def selection_inputs(model, inputs: dict, k: int) -> dict:
-    """Capture, in an unpruned forward, what the selection reads at layer K-1: the last query row, the keys,
-    RoPE cos/sin and mask (as `fastv_advanced.pruning` captures them), plus layer K's input for the gathers."""
-    attn = model.model.language_model.layers[k - 1].self_attn
-    captured = {}
-    handles = [
-        attn.register_forward_pre_hook(
-            lambda m, a, kw: captured.update(mask=kw.get("attention_mask"), rope=kw.get("position_embeddings")),
-            with_kwargs=True),
-        attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(query=o[:, -1:].clone())),
-        attn.k_proj.register_forward_hook(lambda m, a, o: captured.update(keys=o.clone())),
-        model.model.language_model.layers[k].register_forward_pre_hook(
-            lambda m, a, kw: captured.update(hidden=(a[0] if a else kw["hidden_states"]).clone(),
-                                             position_ids=kw.get("position_ids")), with_kwargs=True),
-    ]
-    try:
-        with mode_context(model, Config("baseline")), torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    captured["head_dim"], captured["scaling"] = attn.head_dim, attn.scaling
-    is_image = inputs["input_ids"] == model.config.image_token_id
-    captured["is_image"] = is_image
-    captured["image_positions"] = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)
-    return captured
-
-
-def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, with_gathers: bool = False):
-    """The selection as `fastv_advanced.pruning` runs it: last-query scores -> strategy -> top-R -> kept positions
-    (and, with_gathers, the drop's gathers of hidden states and cos/sin)."""
-    cos, sin = c["rope"]
-    probs = last_query_attention(c["query"], c["keys"], cos, sin, c["mask"], c["head_dim"], c["scaling"])
-    positions = c["image_positions"]
-    attention = probs.gather(2, positions[:, None, :].expand(-1, probs.shape[1], -1))  # [B, H, N]
-    scores, _ = run_strategy(strategy, attention, fastv, generator)
-    top = scores.topk(rank, dim=-1).indices.sort(dim=-1).values
-    keep = ~c["is_image"]
-    keep.scatter_(1, positions.gather(1, top), True)
-    kept = keep.nonzero()[:, 1].view(keep.shape[0], -1)
-    if with_gathers:
-        hidden = c["hidden"]
-        index = kept[:, :, None]
-        hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
-        cos.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
-        sin.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
-    return kept
-
-
-def selection_memory_scaling(model, device, dtype, seq_lens: list[int], n_before: int, n_after: int) -> list[dict]:
-    """Peak extra memory of the selection step at growing sequence lengths (synthetic tensors at the model's
-    head count and widths), next to the H x S x S attention weights that eager FastV materialises and holds."""
-    text = model.config.text_config
-    attn = model.model.language_model.layers[0].self_attn
-    heads, kv_heads, head_dim = text.num_attention_heads, text.num_key_value_heads, attn.head_dim
-    rotary = model.model.language_model.rotary_emb
-    strategy = get_strategy("avg_all_heads")
-    generator = torch.Generator().manual_seed(0)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rows = []
-    for seq_len in seq_lens:
-        n_image = seq_len - n_before - n_after
-        ids = torch.zeros(1, seq_len, dtype=torch.bool)
-        ids[0, n_before:n_before + n_image] = True
-        with torch.inference_mode():
-            x = torch.zeros(1, seq_len, text.hidden_size, device=device, dtype=dtype)
-            cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
-            del x
-            c = {
-                "query": torch.randn(1, 1, heads * head_dim, generator=g).to(device, dtype),
-                "keys": torch.randn(1, seq_len, kv_heads * head_dim, generator=g).to(device, dtype),
-                "rope": (cos, sin), "mask": None, "head_dim": head_dim, "scaling": attn.scaling,
-                "is_image": ids.to(device),
-                "image_positions": ids.nonzero()[:, 1].view(1, -1).to(device),
-            }
-            fastv = FastVConfig(agg_layer=1, attention_rank=n_image // 2)
-            selection_step(c, n_image // 2, fastv, strategy, generator)  # warm-up
-            probe = MemoryProbe(device)
-            with probe:
-                selection_step(c, n_image // 2, fastv, strategy, generator)
-        element = torch.finfo(dtype).bits // 8
-        rows.append({
-            "seq_len": seq_len,
-            "selection_peak_extra_bytes": probe.peak_extra,
-            "inputs_bytes": (c["keys"].numel() + c["query"].numel()) * element,
-            "full_attention_weights_bytes": heads * seq_len * seq_len * element,
-        })
-        del c
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -783,31 +530,10 @@ def _run(argv=None) -> dict:
     t_start = time.time()
     if args.memory_worker:
         fix_mmap_threshold()  # before the model exists: see measure.fix_mmap_threshold
-    preset = PRESETS[args.preset]
-    device = torch.device(args.device or preset.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"--preset {args.preset} runs on a CUDA GPU, but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). For a CPU crash check use: --preset {args.preset} --device cpu --smoke"
-        )
-    if args.preset == "llava7b" and device.type == "cpu":
-        if not args.smoke:
-            raise SystemExit("--preset llava7b on a CPU is only supported with --smoke (7B shapes need a GPU)")
-        preset = Preset(**{**preset.__dict__, "text": LLAVA7B_CPU_SMOKE_TEXT, "vision": LLAVA7B_CPU_SMOKE_VISION,
-                           "vision_note": "CPU smoke: llava7b code path (fp16, 576 image tokens, vocab 32064) with "
-                                          "4 layers x hidden 256 and a 2-layer toy CLIP"})
+    preset, device = resolve_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {**preset.__dict__}
-    settings["grid_k"], settings["grid_ranks"] = GRID_K, GRID_RANKS
-    if args.smoke:
-        settings.update(SMOKE)
-    overrides = dict(grid_k=args.grid_k, grid_ranks=args.grid_ranks, side_by_side_k=args.side_by_side_k,
-                     e2e_k=args.e2e_k, e2e_ranks=args.e2e_ranks, new_tokens=args.new_tokens, max_reps=args.reps,
-                     min_reps=args.min_reps, e2e_max_reps=args.e2e_reps, time_budget_s=args.time_budget)
-    settings.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
-    settings["min_reps"] = min(settings["min_reps"], settings["max_reps"])
-    settings["e2e_min_reps"] = min(settings["e2e_min_reps"], settings["e2e_max_reps"])
+    settings = resolve_settings(args, preset)
     modes = tuple(args.modes or ALL_MODES)
     dtype = getattr(torch, preset.dtype)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -819,8 +545,7 @@ def _run(argv=None) -> dict:
     transformers.logging.set_verbosity_error()
     model = build_model(preset, device, dtype, args.seed)
     inputs = build_inputs(model, preset, device, dtype, args.batch, args.seed)
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
+    n_image = image_token_count(model)
     n_tokens = inputs["input_ids"].shape[1]
     shape = DecoderShape.from_text_config(model.config.text_config)
     scale_rank = lambda r: int(round(r * n_image / 576))  # noqa: E731
@@ -1012,15 +737,12 @@ def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
     """--memory-worker: warm up one configuration, then measure its prefill and generate peaks (or the selection's
     memory at growing sequence lengths); prints one JSON line."""
     job = json.loads(args.memory_worker)
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=False)
+    bench = Bench(model, inputs, device, image_token_count(model), measure_memory_in_timed_runs=False)
     if job["key"] == "selection":
         result = {"selection_memory": selection_memory_scaling(model, device, dtype, job["seq_lens"],
                                                                preset.n_before_image, preset.n_after_image)}
     else:
-        mode, *rest = job["key"].split("/")
-        config = Config(mode, int(rest[0][1:]), int(rest[1][1:])) if rest else Config(mode)
+        config = Config.from_key(job["key"])
         n = job["new_tokens"]
         bench.prefill(config, record=False)
         bench.generate(config, (min(2, n),), record=False)
