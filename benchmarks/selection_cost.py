@@ -2,8 +2,8 @@
 
 The selection step is what `apply_fastv` adds to a prefill besides the gathers: the last prompt position's
 attention over the keys of layer K-1, the strategy's scores over the image tokens, the top-R and the kept
-positions (and, timed separately, the drop's gathers). `selection_step` is the one place that runs it; everything
-else here only captures its inputs, times it or measures its memory.
+positions (and, timed separately, the drop's gathers). It runs only in `selection_step` (`select` and
+`drop_gathers`, the seam below); everything else here captures its inputs, times it or measures its memory.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from fastv_advanced import FastVConfig
-from fastv_advanced.selection import last_query_attention
+from fastv_advanced.selection import gather_mask, gather_rows, last_query_attention
 from fastv_advanced.strategies import get_strategy, run_strategy
 from measure import MemoryProbe, Stopwatch
 from modes import Config, mode_context
@@ -47,9 +47,16 @@ def selection_inputs(model, inputs: dict, k: int) -> dict:
     return captured
 
 
-def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, with_gathers: bool = False):
-    """The selection as `fastv_advanced.pruning` runs it: last-query scores -> strategy -> top-R -> kept positions
-    (and, with_gathers, the drop's gathers of hidden states and cos/sin)."""
+# -- the seam ----------------------------------------------------------------------------------------------------
+# Everything this benchmark times or measures of the selection runs through `select` and `drop_gathers`. Their
+# bodies follow `fastv_advanced.pruning.FastVPruner._select` and `._drop_tokens` step for step, with the package's
+# public tensor functions (`last_query_attention`, `gather_rows`, `gather_mask`) and, like the pruner, no host sync.
+# When the package exposes its whole selection path, these two bodies become calls to it; nothing else changes.
+
+
+def select(c: dict, rank: int, fastv: FastVConfig, strategy, generator) -> torch.Tensor:
+    """Kept sequence positions LongTensor[batch, S'] from the captured layer K-1 tensors `c`: last-query scores ->
+    strategy -> top-R -> kept positions."""
     cos, sin = c["rope"]
     probs = last_query_attention(c["query"], c["keys"], cos, sin, c["mask"], c["head_dim"], c["scaling"])
     positions = c["image_positions"]
@@ -58,14 +65,33 @@ def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, 
     top = scores.topk(rank, dim=-1).indices.sort(dim=-1).values
     keep = ~c["is_image"]
     keep.scatter_(1, positions.gather(1, top), True)
-    kept = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+    batch, seq_len = keep.shape
+    num_kept = seq_len - positions.shape[1] + rank
+    order = torch.arange(seq_len, device=keep.device).expand(batch, -1)
+    # Kept positions first, in order, without a host sync: dropped ones are pushed past seq_len and cut off.
+    return torch.where(keep, order, order + seq_len).sort(dim=-1).values[:, :num_kept]
+
+
+def drop_gathers(c: dict, kept: torch.Tensor) -> None:
+    """The drop's gathers at layer K to the kept positions: hidden states, mask, RoPE cos/sin, position ids."""
+    gather_rows(c["hidden"], kept, 1)
+    gather_mask(c["mask"], kept, kept)
+    cos, sin = c["rope"]
+    gather_rows(cos, kept, 1)
+    gather_rows(sin, kept, 1)
+    if c.get("position_ids") is not None:
+        gather_rows(c["position_ids"], kept, 1)
+
+
+def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, with_gathers: bool = False):
+    """The selection as `apply_fastv` runs it (and, with_gathers, the drop's gathers); returns the kept positions."""
+    kept = select(c, rank, fastv, strategy, generator)
     if with_gathers:
-        hidden = c["hidden"]
-        index = kept[:, :, None]
-        hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
-        cos.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
-        sin.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
+        drop_gathers(c, kept)
     return kept
+
+
+# -- measurements --------------------------------------------------------------------------------------------------
 
 
 def time_selection(c: dict, k: int, rank: int, device: torch.device, reps: int = 5) -> dict:
