@@ -30,10 +30,12 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
+from transformers import LlavaForConditionalGeneration
 
 try:
     import fastv_advanced  # noqa: F401
@@ -43,10 +45,12 @@ from fastv_advanced.flops import DecoderShape  # noqa: E402
 from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import busy_cores, cpu_peak_supported, fix_mmap_threshold, load_average  # noqa: E402
+from measure import (  # noqa: E402
+    busy_cores, busy_machine_note, cpu_peak_supported, fix_mmap_threshold, load_average,
+)
 from modes import ALL_MODES, PRUNED_MODES, Config  # noqa: E402
 from presets import (  # noqa: E402
-    GRID_K, GRID_RANKS, PRESETS, build_inputs, build_model, image_token_count, resolve_preset, resolve_settings,
+    GRID_K, GRID_RANKS, PRESETS, Preset, build_inputs, build_model, image_token_count, resolve_preset, resolve_settings,
 )
 from report import checks, markdown, selection_summary, summarise, targets  # noqa: E402
 from selection_cost import selection_inputs, selection_memory_scaling  # noqa: E402
@@ -105,7 +109,79 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads)
 
 
+@dataclass
+class Run:
+    """One benchmark run: its command line, the settings it resolved to, and the model and prompt it built."""
+
+    args: argparse.Namespace
+    argv: list | None
+    preset: Preset
+    settings: dict
+    modes: tuple
+    device: torch.device
+    dtype: torch.dtype
+    t_start: float
+    load_before: list | None
+    model: LlavaForConditionalGeneration | None = None
+    inputs: dict = field(default_factory=dict)
+    n_image: int = 0
+    n_tokens: int = 0
+    shape: DecoderShape | None = None
+    grid_ranks: list = field(default_factory=list)  # the grid's ranks scaled to this image's token count
+    e2e_ranks: list = field(default_factory=list)
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    def stamp(self, msg: str) -> None:
+        """Log with the seconds since the run started."""
+        self.log(f"[{time.time() - self.t_start:6.1f}s] {msg}")
+
+
 def _run(argv=None) -> dict:
+    run = _start(argv)
+    args, device = run.args, run.device
+    if args.memory_worker:
+        return memory_worker(args, run.model, run.inputs, device, run.dtype, run.preset)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
+    out_dir = Path(args.out)
+    if args.profile and args.profile_only:
+        return _profile_only(run, out_dir, stem)
+
+    configs = _configurations(run)
+    busy_before = busy_cores() if device.type == "cpu" else None
+    busy = busy_machine_note(device, busy_before)
+    if busy:
+        run.log(f"WARNING: {busy}")
+    bench = Bench(run.model, run.inputs, device, run.n_image, measure_memory_in_timed_runs=device.type == "cuda")
+    selection_configs = _capture_selection_inputs(run, bench)
+    prefill_rounds = _prefill_phase(run, bench, configs, selection_configs)
+    memory_method = _memory_method(run)
+    e2e_rounds = 0 if args.no_e2e else _end_to_end_phase(run, bench, configs)
+
+    rows = summarise(bench, configs, run.shape, run.n_tokens, run.n_image)
+    selection = selection_summary(bench, selection_configs, rows)
+    selection_memory = _selection_memory(run)
+    result = {
+        "meta": _meta(run, busy_before, prefill_rounds, e2e_rounds, memory_method),
+        "rows": rows,
+        "selection": selection,
+        "selection_memory": selection_memory,
+        "checks": checks(bench, configs),
+        "targets": targets(rows, selection, selection_memory, run.n_image),
+        "notes": ([busy] if busy else []) + _budget_notes(run, prefill_rounds, e2e_rounds),
+    }
+    result["meta"]["elapsed_s"] = time.time() - run.t_start
+    _write(run, result, out_dir, stem)
+    if args.profile:
+        result["profile"] = profile_prefill(run.model, run.inputs, device, *args.profile, out_dir, stem, run.log)
+    return result
+
+
+def _start(argv) -> Run:
+    """Parse the command line, resolve the preset, build the model and its prompt."""
     args = parse_args(argv)
     t_start = time.time()
     if args.memory_worker:
@@ -113,171 +189,188 @@ def _run(argv=None) -> dict:
     preset, device = resolve_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_settings(args, preset)
-    modes = tuple(args.modes or ALL_MODES)
-    dtype = getattr(torch, preset.dtype)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    load_before = load_average()
-    log(f"[{time.time() - t_start:6.1f}s] preset {args.preset} on {device} ({preset.dtype}), threads "
-        f"{torch.get_num_threads()}, load {load_before}")
+    run = Run(args, argv, preset, resolve_settings(args, preset), tuple(args.modes or ALL_MODES), device,
+              getattr(torch, preset.dtype), t_start, load_average())
+    run.stamp(f"preset {args.preset} on {device} ({preset.dtype}), threads {torch.get_num_threads()}, "
+              f"load {run.load_before}")
 
     warnings.filterwarnings("ignore", message=".*generation flags.*")
     transformers.logging.set_verbosity_error()
-    model = build_model(preset, device, dtype, args.seed)
-    inputs = build_inputs(model, preset, device, dtype, args.batch, args.seed)
-    n_image = image_token_count(model)
-    n_tokens = inputs["input_ids"].shape[1]
-    shape = DecoderShape.from_text_config(model.config.text_config)
-    scale_rank = lambda r: int(round(r * n_image / 576))  # noqa: E731
-    grid_ranks = sorted({scale_rank(r) for r in settings["grid_ranks"]}, reverse=True)
-    e2e_ranks = sorted({scale_rank(r) for r in settings["e2e_ranks"]}, reverse=True)
-    log(f"[{time.time() - t_start:6.1f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
-        f"params; prompt {n_tokens} tokens, {n_image} image tokens")
+    run.model = build_model(preset, device, run.dtype, args.seed)
+    run.inputs = build_inputs(run.model, preset, device, run.dtype, args.batch, args.seed)
+    run.n_image = image_token_count(run.model)
+    run.n_tokens = run.inputs["input_ids"].shape[1]
+    run.shape = DecoderShape.from_text_config(run.model.config.text_config)
+    scale_rank = lambda r: int(round(r * run.n_image / 576))  # noqa: E731
+    run.grid_ranks = sorted({scale_rank(r) for r in run.settings["grid_ranks"]}, reverse=True)
+    run.e2e_ranks = sorted({scale_rank(r) for r in run.settings["e2e_ranks"]}, reverse=True)
+    run.stamp(f"model built: {sum(p.numel() for p in run.model.parameters()) / 1e6:.0f} M params; prompt "
+              f"{run.n_tokens} tokens, {run.n_image} image tokens")
+    return run
 
-    if args.memory_worker:
-        return memory_worker(args, model, inputs, device, dtype, preset)
 
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
-    out_dir = Path(args.out)
-    if args.profile and args.profile_only:
-        for _ in range(2):
-            with torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        profiles = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
-        return {"meta": {"preset": args.preset, "device": str(device)}, "profile": profiles}
+def _profile_only(run: Run, out_dir: Path, stem: str) -> dict:
+    """--profile K R --profile-only: two warm prefills, then the profiles; no benchmark."""
+    for _ in range(2):
+        with torch.inference_mode():
+            run.model(**run.inputs, use_cache=True, logits_to_keep=1)
+    profiles = profile_prefill(run.model, run.inputs, run.device, *run.args.profile, out_dir, stem, run.log)
+    return {"meta": {"preset": run.args.preset, "device": str(run.device)}, "profile": profiles}
 
-    # configurations: drop on the full grid, mask/eager on side_by_side_k, two unpruned references
+
+def _configurations(run: Run) -> list[Config]:
+    """Drop on the full grid, mask / eager FastV at the side-by-side K values, and the two unpruned references."""
+    settings, modes = run.settings, run.modes
     configs = [Config(m) for m in ("baseline", "eager_baseline") if m in modes]
     for mode in PRUNED_MODES:
         if mode not in modes:
             continue
         ks = settings["grid_k"] if mode == "drop" else [k for k in settings["grid_k"] if k in settings["side_by_side_k"]]
-        configs += [Config(mode, k, r) for k in ks for r in grid_ranks]
+        configs += [Config(mode, k, r) for k in ks for r in run.grid_ranks]
     if "baseline" not in modes:
         raise SystemExit("--modes must include baseline (every speed-up is measured against it)")
+    return configs
 
-    busy_before = busy_cores() if device.type == "cpu" else None
-    busy = busy_machine_note(device, busy_before)
-    if busy:
-        log(f"WARNING: {busy}")
-    deadline = t_start + settings["time_budget_s"]
-    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=device.type == "cuda")
-    notes = [busy] if busy else []
 
-    # the selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds
-    selection_configs = []
-    if "drop" in modes:
-        for k in settings["grid_k"]:
-            bench.selection_tensors[k] = selection_inputs(model, inputs, k)
-        selection_configs = [Config("selection", k, r) for k in settings["grid_k"] for r in grid_ranks]
+def _capture_selection_inputs(run: Run, bench: Bench) -> list[Config]:
+    """The selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds as the
+    prefills: capture those tensors for every K; returns the selection's configurations (none without drop)."""
+    if "drop" not in run.modes:
+        return []
+    for k in run.settings["grid_k"]:
+        bench.selection_tensors[k] = selection_inputs(run.model, run.inputs, k)
+    return [Config("selection", k, r) for k in run.settings["grid_k"] for r in run.grid_ranks]
 
+
+def _prefill_phase(run: Run, bench: Bench, configs: list[Config], selection_configs: list[Config]) -> int:
+    """Warm-up, then interleaved prefill rounds (baseline every few slots; memory in the timed runs on GPU).
+    Returns the rounds run."""
+    settings = run.settings
     # global warm-up (kernels, allocator), then a warm-up round of every configuration
     for _ in range(2):
         bench.prefill(Config("baseline"), record=False)
     for _ in range(settings["warmup"]):
         for config in configs:
             bench.prefill(config, record=False)
-    log(f"[{time.time() - t_start:6.1f}s] warm-up done ({len(configs)} configurations)")
+    run.stamp(f"warm-up done ({len(configs)} configurations)")
 
-    # phase 1: prefill, interleaved, baseline every few slots; memory in the timed runs on GPU
-    prefill_deadline = t_start + 0.55 * settings["time_budget_s"]
+    prefill_deadline = run.t_start + 0.55 * settings["time_budget_s"]
     prefill_rounds = run_rounds(
         configs + selection_configs, lambda c: bench.visit(c, memory=bench.measure_memory_in_timed_runs),
-        settings["min_reps"], settings["max_reps"], prefill_deadline, args.seed, settings["anchor_every"], log,
-        "prefill", on_round=lambda r: setattr(bench, "round", r))
-    log(f"[{time.time() - t_start:6.1f}s] prefill done ({prefill_rounds} rounds)")
+        settings["min_reps"], settings["max_reps"], prefill_deadline, run.args.seed, settings["anchor_every"],
+        run.log, "prefill", on_round=lambda r: setattr(bench, "round", r))
+    run.stamp(f"prefill done ({prefill_rounds} rounds)")
+    return prefill_rounds
 
-    # phase 2: end-to-end and memory on the subset
-    e2e_configs = [c for c in configs if c.k is None or (c.k in settings["e2e_k"] and c.rank in e2e_ranks)]
+
+def _memory_method(run: Run) -> str:
+    if run.device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset before each call"
+    return ("a fresh process per configuration (model built, one warm-up prefill and generate, then the measured "
+            "calls), glibc mmap threshold fixed at 64 KiB; " if run.args.cpu_memory == "subprocess"
+            else "in this process (indicative only); ") + cpu_peak_supported()[1]
+
+
+def _end_to_end_configs(run: Run, configs: list[Config]) -> list[Config]:
+    """The end-to-end and memory subset: the unpruned references and the pruned ones at e2e_k x e2e_ranks."""
+    e2e_k = run.settings["e2e_k"]
+    return [c for c in configs if c.k is None or (c.k in e2e_k and c.rank in run.e2e_ranks)]
+
+
+def _end_to_end_phase(run: Run, bench: Bench, configs: list[Config]) -> int:
+    """Timed `generate` rounds on the end-to-end subset, then its peak memory. Returns the rounds run."""
+    settings, args = run.settings, run.args
+    e2e_configs = _end_to_end_configs(run, configs)
     new_tokens = tuple(settings["new_tokens"])
-    e2e_rounds = 0
-    memory_method = (
-        "torch.cuda.max_memory_allocated, reset before each call" if device.type == "cuda"
-        else ("a fresh process per configuration (model built, one warm-up prefill and generate, then the measured "
-              "calls), glibc mmap threshold fixed at 64 KiB; " if args.cpu_memory == "subprocess"
-              else "in this process (indicative only); ") + cpu_peak_supported()[1]
-    )
-    if not args.no_e2e:
-        warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
-        for config in e2e_configs if settings["e2e_warmup"] else []:  # warm-up of generate (untimed, short)
-            bench.generate(config, warm_tokens, record=False)
-        log(f"[{time.time() - t_start:6.1f}s] end-to-end warm-up done ({len(e2e_configs)} configurations)")
-        e2e_rounds = run_rounds(
-            e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
-            deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, log, "end-to-end", reserve_rounds=1)
-        log(f"[{time.time() - t_start:6.1f}s] end-to-end done ({e2e_rounds} rounds)")
-        # memory pass, last. GPU: allocator statistics in this process. CPU: a fresh process per configuration
-        if device.type == "cuda" or args.cpu_memory == "inprocess":
-            for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
-                if device.type == "cpu":
-                    bench.prefill(config, record=False, memory=True)
-                bench.generate(config, (max(new_tokens),), record=False, memory=True)
-        else:
-            for config in e2e_configs:
-                bench.memory[config.key] = run_memory_worker(args, config.key, max(new_tokens))
-        log(f"[{time.time() - t_start:6.1f}s] memory pass done")
+    warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
+    for config in e2e_configs if settings["e2e_warmup"] else []:  # warm-up of generate (untimed, short)
+        bench.generate(config, warm_tokens, record=False)
+    run.stamp(f"end-to-end warm-up done ({len(e2e_configs)} configurations)")
+    deadline = run.t_start + settings["time_budget_s"]
+    e2e_rounds = run_rounds(
+        e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
+        deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, run.log, "end-to-end", reserve_rounds=1)
+    run.stamp(f"end-to-end done ({e2e_rounds} rounds)")
+    _memory_pass(run, bench, e2e_configs, max(new_tokens))
+    run.stamp("memory pass done")
+    return e2e_rounds
 
-    # phase 3: the selection's memory against sequence length; summaries
-    rows = summarise(bench, configs, shape, n_tokens, n_image)
-    selection = selection_summary(bench, selection_configs, rows)
-    seq_lens = [n_tokens * f for f in (1, 2, 4, 8)]
-    if device.type == "cpu" and args.cpu_memory == "subprocess":
-        selection_memory = run_memory_worker(args, "selection", 0, seq_lens)["selection_memory"]
+
+def _memory_pass(run: Run, bench: Bench, e2e_configs: list[Config], new_tokens: int) -> None:
+    """Peak memory of each configuration's prefill and generate(new_tokens), last. GPU: allocator statistics in
+    this process. CPU: a fresh process per configuration (or, --cpu-memory inprocess, this one)."""
+    device, args = run.device, run.args
+    if device.type == "cuda" or args.cpu_memory == "inprocess":
+        for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
+            if device.type == "cpu":
+                bench.prefill(config, record=False, memory=True)
+            bench.generate(config, (new_tokens,), record=False, memory=True)
     else:
-        selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
-                                                    preset.n_after_image)
-    log(f"[{time.time() - t_start:6.1f}s] selection measured")
+        for config in e2e_configs:
+            bench.memory[config.key] = run_memory_worker(args, config.key, new_tokens)
 
-    if settings["e2e_k"] != settings["grid_k"] or set(e2e_ranks) != set(grid_ranks):
+
+def _selection_memory(run: Run) -> list[dict]:
+    """The selection's peak memory at 1, 2, 4 and 8 times the prompt's length (CPU: in a fresh process)."""
+    seq_lens = [run.n_tokens * f for f in (1, 2, 4, 8)]
+    if run.device.type == "cpu" and run.args.cpu_memory == "subprocess":
+        selection_memory = run_memory_worker(run.args, "selection", 0, seq_lens)["selection_memory"]
+    else:
+        selection_memory = selection_memory_scaling(run.model, run.device, run.dtype, seq_lens,
+                                                    run.preset.n_before_image, run.preset.n_after_image)
+    run.stamp("selection measured")
+    return selection_memory
+
+
+def _budget_notes(run: Run, prefill_rounds: int, e2e_rounds: int) -> list[str]:
+    """What this run measured less of than the full grid and the maximum rounds, and why."""
+    settings, notes = run.settings, []
+    if settings["e2e_k"] != settings["grid_k"] or set(run.e2e_ranks) != set(run.grid_ranks):
         notes.append(f"end-to-end and memory columns measured on a subset: K in {list(settings['e2e_k'])}, "
-                     f"R in {e2e_ranks} (plus the unpruned references), to keep the run within its time budget")
+                     f"R in {run.e2e_ranks} (plus the unpruned references), to keep the run within its time budget")
     if settings["side_by_side_k"] != settings["grid_k"]:
         notes.append(f"mask and eager FastV measured at K in {list(settings['side_by_side_k'])}; drop at every K")
-    if prefill_rounds < settings["max_reps"] or (not args.no_e2e and e2e_rounds < settings["e2e_max_reps"]):
+    if prefill_rounds < settings["max_reps"] or (not run.args.no_e2e and e2e_rounds < settings["e2e_max_reps"]):
         notes.append(f"time budget ({settings['time_budget_s']:.0f} s) cut the rounds to {prefill_rounds} prefill / "
                      f"{e2e_rounds} end-to-end (maximum {settings['max_reps']} / {settings['e2e_max_reps']})")
+    return notes
 
-    result = {
-        "meta": {
-            "preset": args.preset, "smoke": args.smoke, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{cpu_name()} ({os.cpu_count()} cores visible)",
-            "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parent),
-            "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
-                                                                                 else sys.argv[1:])),
-            "load_before": load_before, "load_after": load_average(), "busy_cores_before": busy_before,
-            "n_tokens": n_tokens, "n_image": n_image, "image_start": preset.n_before_image, "batch": args.batch,
-            "decoder_shape": {k: v for k, v in shape.__dict__.items()},
-            "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
-            "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
-            "anchor_every": settings["anchor_every"], "new_tokens": list(new_tokens),
-            "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {e2e_ranks}",
-            "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
-        },
-        "rows": rows,
-        "selection": selection,
-        "selection_memory": selection_memory,
-        "checks": checks(bench, configs),
-        "targets": targets(rows, selection, selection_memory, n_image),
-        "notes": notes,
+
+def _meta(run: Run, busy_before, prefill_rounds: int, e2e_rounds: int, memory_method: str) -> dict:
+    """Device, versions, command, load, prompt and model shapes, and the rounds this run made."""
+    args, device, preset, settings = run.args, run.device, run.preset, run.settings
+    return {
+        "preset": args.preset, "smoke": args.smoke, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{cpu_name()} ({os.cpu_count()} cores visible)",
+        "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parent),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(run.argv if run.argv is not None
+                                                                             else sys.argv[1:])),
+        "load_before": run.load_before, "load_after": load_average(), "busy_cores_before": busy_before,
+        "n_tokens": run.n_tokens, "n_image": run.n_image, "image_start": preset.n_before_image, "batch": args.batch,
+        "decoder_shape": {k: v for k, v in run.shape.__dict__.items()},
+        "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
+        "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
+        "anchor_every": settings["anchor_every"], "new_tokens": list(settings["new_tokens"]),
+        "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {run.e2e_ranks}",
+        "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
     }
-    result["meta"]["elapsed_s"] = time.time() - t_start
+
+
+def _write(run: Run, result: dict, out_dir: Path, stem: str) -> None:
+    """Print the markdown report and write it and the JSON result to out_dir/stem.{json,md}."""
     text = markdown(result)
     print(text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1))
     (out_dir / f"{stem}.md").write_text(text + "\n")
-    log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
+    run.log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
     result["meta"]["json_path"] = str(path)
-    if args.profile:
-        result["profile"] = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
-    return result
 
 
 WORKER_MARK = "MEMORY-WORKER-RESULT "
@@ -319,23 +412,6 @@ def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
         result = bench.memory[config.key]
     print(WORKER_MARK + json.dumps(result), flush=True)
     return result
-
-
-def busy_machine_note(device: torch.device, busy: float | None) -> str | None:
-    """A warning when other processes already use CPU cores this run's threads need."""
-    if device.type != "cpu" or busy is None:
-        return None
-    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
-    if busy + threads <= cores + 0.3:
-        return None
-    free = max(1, int(cores - busy + 0.3))
-    note = (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, which uses {threads} torch "
-            f"thread(s): timings are slower and noisier than on a quiet machine")
-    if threads > free:
-        note += (f"; with more threads than free cores, OpenMP threads wait on descheduled peers, which makes pruned "
-                 f"runs (same operator count, fewer FLOPs) gain much less than they should — re-run on a quiet "
-                 f"machine, or with --threads {free}")
-    return note
 
 
 if __name__ == "__main__":
