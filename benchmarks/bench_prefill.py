@@ -22,14 +22,11 @@ the whole model (vision tower, projector, decoder, last-position logits, KV cach
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 import warnings
@@ -38,692 +35,26 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 try:
     import fastv_advanced  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`: use its src/ directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from fastv_advanced import FastVConfig, apply_fastv  # noqa: E402
-from fastv_advanced.flops import DecoderShape, prefill_flops  # noqa: E402
-from fastv_advanced.selection import last_query_attention  # noqa: E402
+from fastv_advanced.flops import DecoderShape  # noqa: E402
 from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
-from fastv_advanced.strategies import get_strategy, run_strategy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 from measure import (  # noqa: E402
-    MemoryProbe, Stopwatch, busy_cores, cpu_peak_supported, fix_mmap_threshold, load_average, synchronize,
+    busy_cores, busy_machine_note, cpu_peak_supported, fix_mmap_threshold, load_average,
 )
-
-GRID_K = (1, 2, 3)
-GRID_RANKS = (576, 432, 288, 144, 72, 0)  # for 576 image tokens; scaled proportionally for other image sizes
-PRUNED_MODES = ("drop", "mask", "eager_fastv")
-ALL_MODES = ("baseline", "eager_baseline") + PRUNED_MODES
-IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS, EOS = 32000, 32001, 1, 2
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# presets
-
-
-@dataclass
-class Preset:
-    name: str
-    device: str
-    dtype: str
-    text: dict  # LlamaConfig fields
-    vision: dict  # CLIPVisionConfig fields
-    n_before_image: int = 35  # BOS + system prompt + "USER:" (DESIGN.md section 5: the image starts at 35)
-    n_after_image: int = 60  # question, options, "ASSISTANT:"
-    qk_scale: float = 2.0  # random init gives near-uniform attention; sharpen it so rankings are not float noise
-    vision_note: str = ""
-    # what the default (non-smoke) run measures
-    side_by_side_k: tuple = GRID_K  # K values at which mask / eager modes run (drop runs the full grid)
-    e2e_k: tuple = (2,)
-    e2e_ranks: tuple = GRID_RANKS
-    new_tokens: tuple = (1, 32)
-    warmup: int = 1
-    min_reps: int = 3
-    max_reps: int = 5
-    anchor_every: int = 3  # in prefill rounds, the baseline runs again after every this many configurations
-    e2e_min_reps: int = 1
-    e2e_max_reps: int = 3
-    e2e_warmup: bool = True  # one untimed short generate per configuration before the timed rounds
-    time_budget_s: float = 540.0
-
-
-LLAVA7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32064)
-CLIP_L336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                 image_size=336, patch_size=14, projection_dim=768)
-
-PRESETS = {
-    "llava7b": Preset(
-        name="llava7b", device="cuda", dtype="float16", text=LLAVA7B_TEXT, vision=CLIP_L336,
-        vision_note="CLIP ViT-L/14-336 shapes (24 layers, hidden 1024): cheap next to the 7B decoder on a GPU "
-                    "(~4% of prefill FLOPs), so the end-to-end numbers keep LLaVA-1.5's real proportions",
-        side_by_side_k=GRID_K, e2e_k=(2,), warmup=2, min_reps=5, max_reps=15, anchor_every=3,
-        e2e_min_reps=1, e2e_max_reps=3, time_budget_s=270.0,
-    ),
-    "scaled": Preset(
-        name="scaled", device="cpu", dtype="float32",
-        text=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=32064),
-        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=5, num_attention_heads=4,
-                    image_size=336, patch_size=14, projection_dim=256),
-        vision_note="stand-in CLIP (hidden 256, 5 layers, 336px / patch 14 = 576 tokens) sized so the vision "
-                    "tower is ~4% of prefill FLOPs, as CLIP ViT-L/14-336 is for LLaVA-1.5-7B; the real ViT-L would "
-                    "cost more than this scaled decoder on a CPU",
-        side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288, 144), warmup=1, min_reps=3, max_reps=10,
-        anchor_every=3, e2e_min_reps=1, e2e_max_reps=3, time_budget_s=480.0,
-    ),
-    "tiny": Preset(
-        name="tiny", device="cpu", dtype="float32",
-        text=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=32064),
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=32, patch_size=4, projection_dim=32),
-        n_before_image=8, n_after_image=10, qk_scale=4.0,
-        vision_note="toy CLIP (32px / patch 4 = 64 image tokens) for tests",
-        side_by_side_k=(1, 2), e2e_k=(2,), e2e_ranks=(576, 288, 0), new_tokens=(1, 4), warmup=1, min_reps=1,
-        max_reps=2, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1, time_budget_s=60.0,
-    ),
-}
-
-# --smoke: same code path, smallest grid, one timed round (also shrinks llava7b's widths when run on a CPU)
-SMOKE = dict(grid_k=(2,), grid_ranks=(576, 288, 0), side_by_side_k=(2,), e2e_k=(2,), e2e_ranks=(288,),
-             new_tokens=(1, 4), warmup=0, e2e_warmup=False, min_reps=1, max_reps=1, anchor_every=2, e2e_min_reps=1, e2e_max_reps=1)
-LLAVA7B_CPU_SMOKE_TEXT = dict(LLAVA7B_TEXT, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                              num_attention_heads=2, num_key_value_heads=2)
-LLAVA7B_CPU_SMOKE_VISION = dict(CLIP_L336, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=2, projection_dim=64)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# model and inputs
-
-
-def build_model(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> LlavaForConditionalGeneration:
-    """A random-weight LLaVA-1.5-layout model created directly on `device` in `dtype`."""
-    vision = CLIPVisionConfig(**preset.vision)
-    text = LlamaConfig(**preset.text, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=PAD_TOKEN_ID,
-                       bos_token_id=BOS, eos_token_id=EOS)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
-                         vision_feature_layer=-2, pad_token_id=PAD_TOKEN_ID)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(preset.qk_scale)
-            layer.self_attn.k_proj.weight.mul_(preset.qk_scale)
-    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
-    model.generation_config = GenerationConfig(do_sample=False, bos_token_id=BOS, eos_token_id=EOS,
-                                               pad_token_id=PAD_TOKEN_ID)
-    return model.eval()
-
-
-def build_inputs(model, preset: Preset, device: torch.device, dtype: torch.dtype, batch: int, seed: int) -> dict:
-    """[BOS, system + "USER:" ids, 576 x <image>, question ids]: input_ids, attention_mask, pixel_values."""
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        before = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_before_image - 1,), generator=g)
-        after = torch.randint(3, IMAGE_TOKEN_ID, (preset.n_after_image,), generator=g)
-        rows.append(torch.cat([torch.tensor([BOS]), before, torch.full((n_image,), IMAGE_TOKEN_ID), after]))
-    input_ids = torch.stack(rows).to(device)
-    pixel_values = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=g).to(device, dtype)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# configurations
-
-
-@dataclass(frozen=True)
-class Config:
-    mode: str
-    k: int | None = None
-    rank: int | None = None
-
-    @property
-    def key(self) -> str:
-        return self.mode if self.k is None else f"{self.mode}/K{self.k}/R{self.rank}"
-
-
-def text_attention(mode: str) -> str:
-    return "eager" if mode.startswith("eager") else "sdpa"
-
-
-def mode_context(model, config: Config):
-    """Switch the text model's attention for the mode and enter its pruning context."""
-    impl = text_attention(config.mode)
-    if model.config.text_config._attn_implementation != impl:
-        model.set_attn_implementation({"text_config": impl})
-    if config.k is None:
-        return contextlib.nullcontext(None)
-    fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
-    if config.mode == "drop":
-        return apply_fastv(model, fastv)
-    if config.mode == "mask":
-        return MaskModeFastV(model, fastv)
-    if config.mode == "eager_fastv":
-        return EagerFastV(model, fastv)
-    raise ValueError(config.mode)
-
-
-class DecoderTimer:
-    """Times the Llama decoder's forward inside a model forward (hooks, device-synchronised)."""
-
-    def __init__(self, language_model, device):
-        self.device, self.seconds = device, float("nan")
-        self._handles = [
-            language_model.register_forward_pre_hook(self._start),
-            language_model.register_forward_hook(self._stop),
-        ]
-
-    def _start(self, module, args):
-        synchronize(self.device)
-        self._t0 = time.perf_counter()
-
-    def _stop(self, module, args, output):
-        synchronize(self.device)
-        self.seconds = time.perf_counter() - self._t0
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# measurements
-
-
-@dataclass
-class Bench:
-    model: LlavaForConditionalGeneration
-    inputs: dict
-    device: torch.device
-    n_image: int
-    measure_memory_in_timed_runs: bool  # GPU: cheap and exact; CPU: a separate memory round instead
-    samples: dict = field(default_factory=dict)  # key -> {"prefill_s": [...], "decoder_s": [...], ...}
-    selections: dict = field(default_factory=dict)  # key -> kept positions [batch, S']
-    last_logits: dict = field(default_factory=dict)  # key -> FloatTensor[batch, vocab]
-    memory: dict = field(default_factory=dict)  # key -> {"prefill_peak_extra_bytes": ..., ...}
-    visits: list = field(default_factory=list)  # (round, key, prefill_s, decoder_s) of timed prefills, in run order
-    round: int = 0
-    selection_tensors: dict = field(default_factory=dict)  # K -> captured layer K-1 tensors (selection_inputs)
-
-    def _record(self, config: Config, name: str, value) -> None:
-        self.samples.setdefault(config.key, {}).setdefault(name, []).append(value)
-
-    def visit(self, config: Config, memory: bool = False) -> None:
-        """One timed run of a configuration in a prefill round."""
-        if config.mode == "selection":
-            self.selection(config)
-        else:
-            self.prefill(config, memory=memory)
-
-    def selection(self, config: Config, reps: int = 5) -> None:
-        """The selection step alone on the captured layer K-1 tensors: median of `reps` back-to-back calls."""
-        c = self.selection_tensors[config.k]
-        fastv = FastVConfig(agg_layer=config.k, attention_rank=config.rank)
-        strategy, generator = get_strategy(fastv.token_selection_method), torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            for name, gathers in (("selection_s", False), ("selection_and_gathers_s", True)):
-                times = []
-                for _ in range(reps):
-                    with Stopwatch(self.device) as watch:
-                        selection_step(c, config.rank, fastv, strategy, generator, gathers)
-                    times.append(watch.seconds)
-                self._record(config, name, statistics.median(times))
-
-    def prefill(self, config: Config, record: bool = True, memory: bool = False) -> None:
-        timer = DecoderTimer(self.model.model.language_model, self.device)
-        probe = MemoryProbe(self.device)
-        watch = Stopwatch(self.device)
-        try:
-            with mode_context(self.model, config) as fastv, torch.inference_mode():
-                with contextlib.ExitStack() as stack:
-                    if memory:
-                        stack.enter_context(probe)
-                    with watch:
-                        out = self.model(**self.inputs, use_cache=True, logits_to_keep=1)
-        finally:
-            timer.remove()
-        if config.key not in self.last_logits:
-            self.last_logits[config.key] = out.logits[:, -1].float().cpu()
-            if fastv is not None:
-                self.selections[config.key] = fastv.last_selection.kept_positions.cpu()
-        if record:
-            self._record(config, "prefill_s", watch.seconds)
-            self._record(config, "decoder_s", timer.seconds)
-            self.visits.append((self.round, config.key, watch.seconds, timer.seconds))
-        if memory:
-            self.memory.setdefault(config.key, {})["prefill_peak_extra_bytes"] = probe.peak_extra
-            self.memory[config.key]["prefill_peak_total_bytes"] = probe.peak_total
-
-    def generate(self, config: Config, new_tokens: tuple, record: bool = True, memory: bool = False) -> None:
-        prompt_len = self.inputs["input_ids"].shape[1]
-        for n in new_tokens:
-            probe = MemoryProbe(self.device)
-            watch = Stopwatch(self.device)
-            with mode_context(self.model, config), torch.inference_mode():
-                with contextlib.ExitStack() as stack:
-                    if memory and n == max(new_tokens):
-                        stack.enter_context(probe)
-                    with watch:
-                        out = self.model.generate(**self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            if out.shape[1] != prompt_len + n:
-                raise RuntimeError(f"{config.key}: generate returned {out.shape[1] - prompt_len} tokens, expected {n}")
-            if record:
-                self._record(config, f"e2e_{n}_s", watch.seconds)
-            if memory and n == max(new_tokens):
-                self.memory.setdefault(config.key, {})[f"generate_{n}_peak_extra_bytes"] = probe.peak_extra
-                self.memory[config.key][f"generate_{n}_peak_total_bytes"] = probe.peak_total
-
-
-def run_rounds(configs: list[Config], visit, min_reps: int, max_reps: int, deadline: float, seed: int,
-               anchor_every: int = 0, log=print, label: str = "", reserve_rounds: int = 0, on_round=None) -> int:
-    """Interleaved rounds: every config once per round, in a new shuffled order each round.
-
-    With anchor_every = n > 0, the baseline also runs before the first config and after every n configs (so every
-    config has a baseline run at most n slots away: see `paired_speedups`). Runs at least `min_reps` rounds, and
-    more up to `max_reps` while the next round is expected to end before `deadline` (leaving time for
-    `reserve_rounds` more rounds' worth of later work). Returns the rounds run.
-    """
-    rng = random.Random(seed)
-    baseline = [c for c in configs if c.mode == "baseline"]
-    others = [c for c in configs if c.mode != "baseline"]
-    rounds = 0
-    while rounds < max_reps:
-        if on_round:
-            on_round(rounds + 1)
-        start = time.perf_counter()
-        rng.shuffle(others)
-        if anchor_every and baseline:
-            order = []
-            for i in range(0, len(others), anchor_every):
-                order += baseline + others[i:i + anchor_every]
-            order += baseline
-        else:
-            order = baseline + others
-            rng.shuffle(order)
-        for config in order:
-            visit(config)
-        rounds += 1
-        took = time.perf_counter() - start
-        log(f"  {label} round {rounds}: {took:.1f} s")
-        if rounds >= min_reps and time.time() + took * (1 + reserve_rounds) > deadline:
-            if rounds < max_reps:
-                log(f"  {label}: stopping after {rounds} rounds (time budget)")
-            break
-    return rounds
-
-
-def paired_speedups(visits: list, index: int) -> dict:
-    """key -> median over its runs of (mean of the nearest baseline runs before and after it in the same round) /
-    (its time). Robust to slow drift and to load that changes between rounds (a shared machine).
-    index: 2 = whole prefill, 3 = decoder."""
-    ratios: dict = {}
-    by_round: dict = {}
-    for v in visits:
-        by_round.setdefault(v[0], []).append(v)
-    for run in by_round.values():
-        base_at = [i for i, v in enumerate(run) if v[1] == "baseline"]
-        for i, v in enumerate(run):
-            if v[1] == "baseline" or v[1].startswith("selection"):
-                continue
-            before = [run[j][index] for j in base_at if j < i][-1:]
-            after = [run[j][index] for j in base_at if j > i][:1]
-            neighbours = before + after
-            if neighbours:
-                ratios.setdefault(v[1], []).append(statistics.mean(neighbours) / v[index])
-    return {key: statistics.median(r) for key, r in ratios.items()}
-
-
-def selection_inputs(model, inputs: dict, k: int) -> dict:
-    """Capture, in an unpruned forward, what the selection reads at layer K-1: the last query row, the keys,
-    RoPE cos/sin and mask (as `fastv_advanced.pruning` captures them), plus layer K's input for the gathers."""
-    attn = model.model.language_model.layers[k - 1].self_attn
-    captured = {}
-    handles = [
-        attn.register_forward_pre_hook(
-            lambda m, a, kw: captured.update(mask=kw.get("attention_mask"), rope=kw.get("position_embeddings")),
-            with_kwargs=True),
-        attn.q_proj.register_forward_hook(lambda m, a, o: captured.update(query=o[:, -1:].clone())),
-        attn.k_proj.register_forward_hook(lambda m, a, o: captured.update(keys=o.clone())),
-        model.model.language_model.layers[k].register_forward_pre_hook(
-            lambda m, a, kw: captured.update(hidden=(a[0] if a else kw["hidden_states"]).clone(),
-                                             position_ids=kw.get("position_ids")), with_kwargs=True),
-    ]
-    try:
-        with mode_context(model, Config("baseline")), torch.inference_mode():
-            model(**inputs, use_cache=True, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    captured["head_dim"], captured["scaling"] = attn.head_dim, attn.scaling
-    is_image = inputs["input_ids"] == model.config.image_token_id
-    captured["is_image"] = is_image
-    captured["image_positions"] = is_image.nonzero()[:, 1].view(is_image.shape[0], -1)
-    return captured
-
-
-def selection_step(c: dict, rank: int, fastv: FastVConfig, strategy, generator, with_gathers: bool = False):
-    """The selection as `fastv_advanced.pruning` runs it: last-query scores -> strategy -> top-R -> kept positions
-    (and, with_gathers, the drop's gathers of hidden states and cos/sin)."""
-    cos, sin = c["rope"]
-    probs = last_query_attention(c["query"], c["keys"], cos, sin, c["mask"], c["head_dim"], c["scaling"])
-    positions = c["image_positions"]
-    attention = probs.gather(2, positions[:, None, :].expand(-1, probs.shape[1], -1))  # [B, H, N]
-    scores, _ = run_strategy(strategy, attention, fastv, generator)
-    top = scores.topk(rank, dim=-1).indices.sort(dim=-1).values
-    keep = ~c["is_image"]
-    keep.scatter_(1, positions.gather(1, top), True)
-    kept = keep.nonzero()[:, 1].view(keep.shape[0], -1)
-    if with_gathers:
-        hidden = c["hidden"]
-        index = kept[:, :, None]
-        hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))
-        cos.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, cos.shape[-1]))
-        sin.expand(kept.shape[0], -1, -1).gather(1, index.expand(-1, -1, sin.shape[-1]))
-    return kept
-
-
-def selection_memory_scaling(model, device, dtype, seq_lens: list[int], n_before: int, n_after: int) -> list[dict]:
-    """Peak extra memory of the selection step at growing sequence lengths (synthetic tensors at the model's
-    head count and widths), next to the H x S x S attention weights that eager FastV materialises and holds."""
-    text = model.config.text_config
-    attn = model.model.language_model.layers[0].self_attn
-    heads, kv_heads, head_dim = text.num_attention_heads, text.num_key_value_heads, attn.head_dim
-    rotary = model.model.language_model.rotary_emb
-    strategy = get_strategy("avg_all_heads")
-    generator = torch.Generator().manual_seed(0)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rows = []
-    for seq_len in seq_lens:
-        n_image = seq_len - n_before - n_after
-        ids = torch.zeros(1, seq_len, dtype=torch.bool)
-        ids[0, n_before:n_before + n_image] = True
-        with torch.inference_mode():
-            x = torch.zeros(1, seq_len, text.hidden_size, device=device, dtype=dtype)
-            cos, sin = rotary(x, torch.arange(seq_len, device=device)[None])
-            del x
-            c = {
-                "query": torch.randn(1, 1, heads * head_dim, generator=g).to(device, dtype),
-                "keys": torch.randn(1, seq_len, kv_heads * head_dim, generator=g).to(device, dtype),
-                "rope": (cos, sin), "mask": None, "head_dim": head_dim, "scaling": attn.scaling,
-                "is_image": ids.to(device),
-                "image_positions": ids.nonzero()[:, 1].view(1, -1).to(device),
-            }
-            fastv = FastVConfig(agg_layer=1, attention_rank=n_image // 2)
-            selection_step(c, n_image // 2, fastv, strategy, generator)  # warm-up
-            probe = MemoryProbe(device)
-            with probe:
-                selection_step(c, n_image // 2, fastv, strategy, generator)
-        element = torch.finfo(dtype).bits // 8
-        rows.append({
-            "seq_len": seq_len,
-            "selection_peak_extra_bytes": probe.peak_extra,
-            "inputs_bytes": (c["keys"].numel() + c["query"].numel()) * element,
-            "full_attention_weights_bytes": heads * seq_len * seq_len * element,
-        })
-        del c
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reporting
-
-
-def median(values):
-    return statistics.median(values) if values else None
-
-
-def summarise(bench: Bench, configs: list[Config], shape: DecoderShape, n_tokens: int, n_image: int) -> list[dict]:
-    base = bench.samples.get("baseline", {})
-    base_e2e = {name: median(v) for name, v in base.items() if name.startswith("e2e_")}
-    paired = {label: paired_speedups(bench.visits, index) for label, index in (("prefill", 2), ("decoder", 3))}
-    rows = []
-    for config in configs:
-        s = bench.samples.get(config.key, {})
-        pruned = config.k is not None
-        flops = prefill_flops(shape, n_tokens, n_image, config.rank if pruned else None, config.k)
-        theory = 1.0 / flops["ratio"]
-        row = {
-            "mode": config.mode, "k": config.k, "rank": config.rank, "key": config.key,
-            "attention": text_attention(config.mode),
-            "tokens_after_k": flops["pruned_num_tokens"] if config.mode in ("drop", "eager_fastv") else n_tokens,
-            "flops_ratio": flops["ratio"], "theoretical_speedup": theory,
-            "n_prefill": len(s.get("prefill_s", [])),
-        }
-        for name in ("prefill_s", "decoder_s"):
-            values = s.get(name, [])
-            row[name] = median(values)
-            row[name.replace("_s", "_iqr_s")] = (
-                statistics.quantiles(values, n=4)[2] - statistics.quantiles(values, n=4)[0]
-                if len(values) >= 2 else None
-            )
-            row[name.replace("_s", "_samples_s")] = values
-        for label in ("prefill", "decoder"):
-            values, reference = s.get(f"{label}_s", []), base.get(f"{label}_s", [])
-            row[f"{label}_min_s"] = min(values) if values else None
-            for suffix, own, ref in (("", row[f"{label}_s"], median(reference)),
-                                     ("_min", row[f"{label}_min_s"], min(reference) if reference else None)):
-                speedup = ref / own if own and ref else None
-                row[f"{label}_speedup{suffix}"] = speedup
-                row[f"{label}_speedup{suffix}_over_theoretical"] = speedup / theory if speedup else None
-            speedup = 1.0 if config.mode == "baseline" else paired[label].get(config.key)
-            row[f"{label}_speedup_paired"] = speedup
-            row[f"{label}_speedup_paired_over_theoretical"] = speedup / theory if speedup else None
-        for name, values in s.items():
-            if name.startswith("e2e_"):
-                row[name] = median(values)
-                row[f"{name}_samples"] = values
-                row[name.replace("_s", "_speedup")] = base_e2e.get(name) / row[name] if base_e2e.get(name) else None
-        row.update(bench.memory.get(config.key, {}))
-        rows.append(row)
-    return rows
-
-
-def checks(bench: Bench, configs: list[Config]) -> list[dict]:
-    """Per (K, R) with several modes: same kept tokens, and last-position logits of mask/eager vs drop."""
-    out = []
-    base_logits = bench.last_logits.get("baseline")
-    for config in configs:
-        if config.mode != "drop":
-            continue
-        drop = bench.last_logits[config.key]
-        kept = bench.selections[config.key]
-        row = {"k": config.k, "rank": config.rank, "logits_finite": bool(torch.isfinite(drop).all())}
-        if config.rank == bench.n_image and base_logits is not None:
-            row["drop_full_rank_vs_baseline_max_abs_diff"] = float((drop - base_logits).abs().max())
-        for other in ("mask", "eager_fastv"):
-            key = Config(other, config.k, config.rank).key
-            if key not in bench.last_logits:
-                continue
-            other_kept = bench.selections[key]
-            same = other_kept.shape == kept.shape and bool((other_kept == kept).all())
-            row[f"{other}_same_kept_positions"] = same
-            if not same:
-                overlap = len(set(other_kept[0].tolist()) & set(kept[0].tolist())) / max(1, kept.shape[1])
-                row[f"{other}_kept_overlap"] = overlap
-            row[f"{other}_vs_drop_max_abs_logit_diff"] = float((bench.last_logits[key] - drop).abs().max())
-        row["logit_scale"] = float(drop.abs().max())
-        out.append(row)
-    return out
-
-
-def targets(rows: list[dict], selection: list[dict], selection_memory: list[dict], n_image: int) -> dict:
-    """Issue 5's targets: drop at K=2, R=288 and R=144 within 0.9 x theoretical; selection <= 2% of prefill;
-    no O(S^2) memory in the selection (growth exponent of its peak memory over the sequence lengths)."""
-    out = {}
-    by_key = {r["key"]: r for r in rows}
-    for rank in (288, 144):
-        row = by_key.get(f"drop/K2/R{int(round(rank * n_image / 576))}")
-        if row is None or row["prefill_speedup"] is None:
-            continue
-        out[f"K2_R{rank}"] = {
-            name: row[name] for name in ("theoretical_speedup", "prefill_speedup", "prefill_speedup_over_theoretical",
-                                         "decoder_speedup", "decoder_speedup_over_theoretical",
-                                         "prefill_speedup_min_over_theoretical", "decoder_speedup_min_over_theoretical",
-                                         "prefill_speedup_paired_over_theoretical",
-                                         "decoder_speedup_paired_over_theoretical")
-        }
-        out[f"K2_R{rank}"]["met"] = row["prefill_speedup_over_theoretical"] >= 0.9
-        out[f"K2_R{rank}"]["rank"] = row["rank"]
-    shares = [s["share_of_prefill"] for s in selection if s.get("share_of_prefill") is not None]
-    if shares:
-        out["selection_max_share_of_prefill"] = max(shares)
-        out["selection_share_met"] = max(shares) <= 0.02
-    points = [(m["seq_len"], m["selection_peak_extra_bytes"]) for m in selection_memory
-              if m["selection_peak_extra_bytes"]]
-    if len(points) >= 2:
-        (s0, m0), (s1, m1) = points[0], points[-1]
-        exponent = math.log(m1 / m0) / math.log(s1 / s0)
-        out["selection_memory_growth_exponent"] = exponent  # 1 = linear in S, 2 = quadratic
-        out["selection_memory_met"] = exponent < 1.5
-    return out
-
-
-def fmt(value, spec=".2f", scale=1.0, empty="–"):
-    if value is None:
-        return empty
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return format(value * scale if scale != 1.0 else value, spec)
-
-
-def mib(value):
-    return fmt(value, ".1f", 1 / 2**20)
-
-
-def markdown(result: dict) -> str:
-    meta = result["meta"]
-    lines = [
-        f"## FastV prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
-        "",
-        f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
-        f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}; commit {meta['git_commit']}",
-        f"- command: `{meta['command']}`",
-        f"- load average before/after: {meta['load_before']} / {meta['load_after']}; cores kept busy by other "
-        f"processes just before the run: {fmt(meta['busy_cores_before'], '.1f')}; elapsed {meta['elapsed_s']:.0f} s",
-        f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
-        f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
-        f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up "
-        f"round(s), baseline re-run after every {meta['anchor_every']} configurations; end-to-end: "
-        f"{meta['e2e_rounds']} rounds; speed-ups against `baseline` (unpruned, SDPA). × = ratio of medians; "
-        f"paired = median over runs of (neighbouring baseline runs) / (run), robust to load that drifts",
-        "",
-    ]
-    t = result.get("targets", {})
-    if t:
-        lines += ["### Targets (issue 5)", ""]
-        for rank in (288, 144):
-            x = t.get(f"K2_R{rank}")
-            if x:
-                lines.append(
-                    f"- drop K=2 R={x['rank']}: theoretical {x['theoretical_speedup']:.2f}×, measured prefill "
-                    f"{x['prefill_speedup']:.2f}× = **{x['prefill_speedup_over_theoretical']:.2f}** of theoretical "
-                    f"(decoder alone {x['decoder_speedup_over_theoretical']:.2f}; other estimators, prefill / "
-                    f"decoder: paired with neighbouring baseline runs {fmt(x['prefill_speedup_paired_over_theoretical'])}"
-                    f" / {fmt(x['decoder_speedup_paired_over_theoretical'])}, best-of-rounds "
-                    f"{x['prefill_speedup_min_over_theoretical']:.2f} / {x['decoder_speedup_min_over_theoretical']:.2f})"
-                    f" — target ≥ 0.9: {'met' if x['met'] else 'NOT met'}")
-        if "selection_max_share_of_prefill" in t:
-            lines.append(f"- selection step: at most {t['selection_max_share_of_prefill']:.3%} of the drop's prefill "
-                         f"— target ≤ 2%: {'met' if t['selection_share_met'] else 'NOT met'}")
-        if "selection_memory_growth_exponent" in t:
-            lines.append(f"- selection peak memory grows as S^{t['selection_memory_growth_exponent']:.2f} over the "
-                         f"sequence lengths below (1 = linear, 2 = quadratic) — no O(S²): "
-                         f"{'met' if t['selection_memory_met'] else 'NOT met'}")
-        lines.append("")
-    lines += [
-        "### Prefill (theoretical = decoder FLOPs ratio of DESIGN.md §4; mask mode removes no FLOPs)",
-        "",
-        "| mode | K | R | tokens after K | FLOPs ratio | theor. × | prefill ms | × | ×/theor. | decoder ms | × | ×/theor. "
-        "| paired ×/theor. (prefill, decoder) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['mode']} | {fmt(r['k'], 'd')} | {fmt(r['rank'], 'd')} | {r['tokens_after_k']} | "
-            f"{r['flops_ratio']:.3f} | {r['theoretical_speedup']:.2f} | {fmt(r['prefill_s'], '.1f', 1e3)} | "
-            f"{fmt(r['prefill_speedup'])} | {fmt(r['prefill_speedup_over_theoretical'])} | "
-            f"{fmt(r['decoder_s'], '.1f', 1e3)} | {fmt(r['decoder_speedup'])} | "
-            f"{fmt(r['decoder_speedup_over_theoretical'])} | {fmt(r['prefill_speedup_paired_over_theoretical'])}, "
-            f"{fmt(r['decoder_speedup_paired_over_theoretical'])} |"
-        )
-    new_tokens = meta["new_tokens"]
-    e2e_rows = [r for r in result["rows"] if any(k.startswith("e2e_") for k in r)]
-    if e2e_rows:
-        n_max = max(new_tokens)
-        lines += [
-            "",
-            f"### End-to-end (greedy generate, min = max new tokens) and peak memory — subset: {meta['e2e_subset']}",
-            "",
-            f"Peak memory: {meta['memory_method']}. 'extra' = above the memory in use before the call "
-            "(weights, inputs).",
-            "",
-            "| mode | K | R | " + " | ".join(f"{n} tok ms | ×" for n in new_tokens)
-            + f" | prefill peak extra MiB | generate({n_max}) peak extra MiB | peak total MiB |",
-            "|---|---|---|" + "---|---|" * len(new_tokens) + "---|---|---|",
-        ]
-        for r in e2e_rows:
-            cells = " | ".join(f"{fmt(r.get(f'e2e_{n}_s'), '.1f', 1e3)} | {fmt(r.get(f'e2e_{n}_speedup'))}"
-                               for n in new_tokens)
-            lines.append(
-                f"| {r['mode']} | {fmt(r['k'], 'd')} | {fmt(r['rank'], 'd')} | {cells} | "
-                f"{mib(r.get('prefill_peak_extra_bytes'))} | {mib(r.get(f'generate_{n_max}_peak_extra_bytes'))} | "
-                f"{mib(r.get(f'generate_{n_max}_peak_total_bytes', r.get('prefill_peak_total_bytes')))} |"
-            )
-    if result.get("selection"):
-        lines += [
-            "",
-            "### Selection step (last-query scores + strategy + top-R + kept positions), timed alone on the tensors "
-            "captured at layer K-1",
-            "",
-            "| K | R | selection ms | + drop gathers ms | drop prefill ms | share of prefill |",
-            "|---|---|---|---|---|---|",
-        ]
-        for s in result["selection"]:
-            lines.append(
-                f"| {s['k']} | {s['rank']} | {s['selection_s'] * 1e3:.3f} | {s['selection_and_gathers_s'] * 1e3:.3f} | "
-                f"{fmt(s.get('drop_prefill_s'), '.1f', 1e3)} | {fmt(s.get('share_of_prefill'), '.2%', 1)} |"
-            )
-    if result.get("selection_memory"):
-        lines += [
-            "",
-            "### Selection memory vs sequence length (synthetic tensors at this model's heads and widths)",
-            "",
-            "| S | selection peak extra MiB | its inputs (q, k) MiB | H×S×S weights (eager FastV) MiB |",
-            "|---|---|---|---|",
-        ]
-        for m in result["selection_memory"]:
-            lines.append(f"| {m['seq_len']} | {mib(m['selection_peak_extra_bytes'])} | {mib(m['inputs_bytes'])} | "
-                         f"{mib(m['full_attention_weights_bytes'])} |")
-    if result.get("checks"):
-        lines += ["", "### Checks (same prompt; last-position logits)", "",
-                  "| K | R | mask same kept | mask vs drop max |Δlogit| | eager same kept (overlap) | "
-                  "eager vs drop max |Δlogit| | max |logit| |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in result["checks"]:
-            eager_same = c.get("eager_fastv_same_kept_positions")
-            eager_cell = "–" if eager_same is None else (
-                "yes" if eager_same else f"no ({c.get('eager_fastv_kept_overlap', 0):.3f})")
-            lines.append(
-                f"| {c['k']} | {c['rank']} | {fmt(c.get('mask_same_kept_positions'), '')} | "
-                f"{fmt(c.get('mask_vs_drop_max_abs_logit_diff'), '.2e')} | {eager_cell} | "
-                f"{fmt(c.get('eager_fastv_vs_drop_max_abs_logit_diff'), '.2e')} | {c['logit_scale']:.2f} |"
-            )
-    if result.get("notes"):
-        lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines)
+from modes import ALL_MODES, PRUNED_MODES, Config  # noqa: E402
+from presets import (  # noqa: E402
+    GRID_K, GRID_RANKS, PRESETS, Preset, build_inputs, build_model, image_token_count, resolve_preset, resolve_settings,
+)
+from report import checks, markdown, selection_summary, summarise, targets  # noqa: E402
+from selection_cost import selection_inputs, selection_memory_scaling  # noqa: E402
+from timing import Bench, profile_prefill, run_rounds  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -778,213 +109,268 @@ def main(argv=None) -> dict:
             torch.set_num_threads(threads)
 
 
+@dataclass
+class Run:
+    """One benchmark run: its command line, the settings it resolved to, and the model and prompt it built."""
+
+    args: argparse.Namespace
+    argv: list | None
+    preset: Preset
+    settings: dict
+    modes: tuple
+    device: torch.device
+    dtype: torch.dtype
+    t_start: float
+    load_before: list | None
+    model: LlavaForConditionalGeneration | None = None
+    inputs: dict = field(default_factory=dict)
+    n_image: int = 0
+    n_tokens: int = 0
+    shape: DecoderShape | None = None
+    grid_ranks: list = field(default_factory=list)  # the grid's ranks scaled to this image's token count
+    e2e_ranks: list = field(default_factory=list)
+
+    @staticmethod
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    def stamp(self, msg: str) -> None:
+        """Log with the seconds since the run started."""
+        self.log(f"[{time.time() - self.t_start:6.1f}s] {msg}")
+
+
 def _run(argv=None) -> dict:
-    args = parse_args(argv)
-    t_start = time.time()
+    run = _start(argv)
+    args, device = run.args, run.device
     if args.memory_worker:
-        fix_mmap_threshold()  # before the model exists: see measure.fix_mmap_threshold
-    preset = PRESETS[args.preset]
-    device = torch.device(args.device or preset.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            f"--preset {args.preset} runs on a CUDA GPU, but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}). For a CPU crash check use: --preset {args.preset} --device cpu --smoke"
-        )
-    if args.preset == "llava7b" and device.type == "cpu":
-        if not args.smoke:
-            raise SystemExit("--preset llava7b on a CPU is only supported with --smoke (7B shapes need a GPU)")
-        preset = Preset(**{**preset.__dict__, "text": LLAVA7B_CPU_SMOKE_TEXT, "vision": LLAVA7B_CPU_SMOKE_VISION,
-                           "vision_note": "CPU smoke: llava7b code path (fp16, 576 image tokens, vocab 32064) with "
-                                          "4 layers x hidden 256 and a 2-layer toy CLIP"})
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = {**preset.__dict__}
-    settings["grid_k"], settings["grid_ranks"] = GRID_K, GRID_RANKS
-    if args.smoke:
-        settings.update(SMOKE)
-    overrides = dict(grid_k=args.grid_k, grid_ranks=args.grid_ranks, side_by_side_k=args.side_by_side_k,
-                     e2e_k=args.e2e_k, e2e_ranks=args.e2e_ranks, new_tokens=args.new_tokens, max_reps=args.reps,
-                     min_reps=args.min_reps, e2e_max_reps=args.e2e_reps, time_budget_s=args.time_budget)
-    settings.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
-    settings["min_reps"] = min(settings["min_reps"], settings["max_reps"])
-    settings["e2e_min_reps"] = min(settings["e2e_min_reps"], settings["e2e_max_reps"])
-    modes = tuple(args.modes or ALL_MODES)
-    dtype = getattr(torch, preset.dtype)
-    log = lambda msg: print(msg, flush=True)  # noqa: E731
-    load_before = load_average()
-    log(f"[{time.time() - t_start:6.1f}s] preset {args.preset} on {device} ({preset.dtype}), threads "
-        f"{torch.get_num_threads()}, load {load_before}")
-
-    warnings.filterwarnings("ignore", message=".*generation flags.*")
-    transformers.logging.set_verbosity_error()
-    model = build_model(preset, device, dtype, args.seed)
-    inputs = build_inputs(model, preset, device, dtype, args.batch, args.seed)
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    n_tokens = inputs["input_ids"].shape[1]
-    shape = DecoderShape.from_text_config(model.config.text_config)
-    scale_rank = lambda r: int(round(r * n_image / 576))  # noqa: E731
-    grid_ranks = sorted({scale_rank(r) for r in settings["grid_ranks"]}, reverse=True)
-    e2e_ranks = sorted({scale_rank(r) for r in settings["e2e_ranks"]}, reverse=True)
-    log(f"[{time.time() - t_start:6.1f}s] model built: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
-        f"params; prompt {n_tokens} tokens, {n_image} image tokens")
-
-    if args.memory_worker:
-        return memory_worker(args, model, inputs, device, dtype, preset)
-
+        return memory_worker(args, run.model, run.inputs, device, run.dtype, run.preset)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"bench_prefill_{args.preset}{'_smoke' if args.smoke else ''}_{device.type}_{stamp}"
     out_dir = Path(args.out)
     if args.profile and args.profile_only:
-        for _ in range(2):
-            with torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        profiles = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
-        return {"meta": {"preset": args.preset, "device": str(device)}, "profile": profiles}
+        return _profile_only(run, out_dir, stem)
 
-    # configurations: drop on the full grid, mask/eager on side_by_side_k, two unpruned references
+    configs = _configurations(run)
+    busy_before = busy_cores() if device.type == "cpu" else None
+    busy = busy_machine_note(device, busy_before)
+    if busy:
+        run.log(f"WARNING: {busy}")
+    bench = Bench(run.model, run.inputs, device, run.n_image, measure_memory_in_timed_runs=device.type == "cuda")
+    selection_configs = _capture_selection_inputs(run, bench)
+    prefill_rounds = _prefill_phase(run, bench, configs, selection_configs)
+    memory_method = _memory_method(run)
+    e2e_rounds = 0 if args.no_e2e else _end_to_end_phase(run, bench, configs)
+
+    rows = summarise(bench, configs, run.shape, run.n_tokens, run.n_image)
+    selection = selection_summary(bench, selection_configs, rows)
+    selection_memory = _selection_memory(run)
+    result = {
+        "meta": _meta(run, busy_before, prefill_rounds, e2e_rounds, memory_method),
+        "rows": rows,
+        "selection": selection,
+        "selection_memory": selection_memory,
+        "checks": checks(bench, configs),
+        "targets": targets(rows, selection, selection_memory, run.n_image),
+        "notes": ([busy] if busy else []) + _budget_notes(run, prefill_rounds, e2e_rounds),
+    }
+    result["meta"]["elapsed_s"] = time.time() - run.t_start
+    _write(run, result, out_dir, stem)
+    if args.profile:
+        result["profile"] = profile_prefill(run.model, run.inputs, device, *args.profile, out_dir, stem, run.log)
+    return result
+
+
+def _start(argv) -> Run:
+    """Parse the command line, resolve the preset, build the model and its prompt."""
+    args = parse_args(argv)
+    t_start = time.time()
+    if args.memory_worker:
+        fix_mmap_threshold()  # before the model exists: see measure.fix_mmap_threshold
+    preset, device = resolve_preset(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(args, argv, preset, resolve_settings(args, preset), tuple(args.modes or ALL_MODES), device,
+              getattr(torch, preset.dtype), t_start, load_average())
+    run.stamp(f"preset {args.preset} on {device} ({preset.dtype}), threads {torch.get_num_threads()}, "
+              f"load {run.load_before}")
+
+    warnings.filterwarnings("ignore", message=".*generation flags.*")
+    transformers.logging.set_verbosity_error()
+    run.model = build_model(preset, device, run.dtype, args.seed)
+    run.inputs = build_inputs(run.model, preset, device, run.dtype, args.batch, args.seed)
+    run.n_image = image_token_count(run.model)
+    run.n_tokens = run.inputs["input_ids"].shape[1]
+    run.shape = DecoderShape.from_text_config(run.model.config.text_config)
+    scale_rank = lambda r: int(round(r * run.n_image / 576))  # noqa: E731
+    run.grid_ranks = sorted({scale_rank(r) for r in run.settings["grid_ranks"]}, reverse=True)
+    run.e2e_ranks = sorted({scale_rank(r) for r in run.settings["e2e_ranks"]}, reverse=True)
+    run.stamp(f"model built: {sum(p.numel() for p in run.model.parameters()) / 1e6:.0f} M params; prompt "
+              f"{run.n_tokens} tokens, {run.n_image} image tokens")
+    return run
+
+
+def _profile_only(run: Run, out_dir: Path, stem: str) -> dict:
+    """--profile K R --profile-only: two warm prefills, then the profiles; no benchmark."""
+    for _ in range(2):
+        with torch.inference_mode():
+            run.model(**run.inputs, use_cache=True, logits_to_keep=1)
+    profiles = profile_prefill(run.model, run.inputs, run.device, *run.args.profile, out_dir, stem, run.log)
+    return {"meta": {"preset": run.args.preset, "device": str(run.device)}, "profile": profiles}
+
+
+def _configurations(run: Run) -> list[Config]:
+    """Drop on the full grid, mask / eager FastV at the side-by-side K values, and the two unpruned references."""
+    settings, modes = run.settings, run.modes
     configs = [Config(m) for m in ("baseline", "eager_baseline") if m in modes]
     for mode in PRUNED_MODES:
         if mode not in modes:
             continue
         ks = settings["grid_k"] if mode == "drop" else [k for k in settings["grid_k"] if k in settings["side_by_side_k"]]
-        configs += [Config(mode, k, r) for k in ks for r in grid_ranks]
+        configs += [Config(mode, k, r) for k in ks for r in run.grid_ranks]
     if "baseline" not in modes:
         raise SystemExit("--modes must include baseline (every speed-up is measured against it)")
+    return configs
 
-    busy_before = busy_cores() if device.type == "cpu" else None
-    busy = busy_machine_note(device, busy_before)
-    if busy:
-        log(f"WARNING: {busy}")
-    deadline = t_start + settings["time_budget_s"]
-    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=device.type == "cuda")
-    notes = [busy] if busy else []
 
-    # the selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds
-    selection_configs = []
-    if "drop" in modes:
-        for k in settings["grid_k"]:
-            bench.selection_tensors[k] = selection_inputs(model, inputs, k)
-        selection_configs = [Config("selection", k, r) for k in settings["grid_k"] for r in grid_ranks]
+def _capture_selection_inputs(run: Run, bench: Bench) -> list[Config]:
+    """The selection step is timed alone, on the layer K-1 tensors of this prompt, inside the same rounds as the
+    prefills: capture those tensors for every K; returns the selection's configurations (none without drop)."""
+    if "drop" not in run.modes:
+        return []
+    for k in run.settings["grid_k"]:
+        bench.selection_tensors[k] = selection_inputs(run.model, run.inputs, k)
+    return [Config("selection", k, r) for k in run.settings["grid_k"] for r in run.grid_ranks]
 
+
+def _prefill_phase(run: Run, bench: Bench, configs: list[Config], selection_configs: list[Config]) -> int:
+    """Warm-up, then interleaved prefill rounds (baseline every few slots; memory in the timed runs on GPU).
+    Returns the rounds run."""
+    settings = run.settings
     # global warm-up (kernels, allocator), then a warm-up round of every configuration
     for _ in range(2):
         bench.prefill(Config("baseline"), record=False)
     for _ in range(settings["warmup"]):
         for config in configs:
             bench.prefill(config, record=False)
-    log(f"[{time.time() - t_start:6.1f}s] warm-up done ({len(configs)} configurations)")
+    run.stamp(f"warm-up done ({len(configs)} configurations)")
 
-    # phase 1: prefill, interleaved, baseline every few slots; memory in the timed runs on GPU
-    prefill_deadline = t_start + 0.55 * settings["time_budget_s"]
+    prefill_deadline = run.t_start + 0.55 * settings["time_budget_s"]
     prefill_rounds = run_rounds(
         configs + selection_configs, lambda c: bench.visit(c, memory=bench.measure_memory_in_timed_runs),
-        settings["min_reps"], settings["max_reps"], prefill_deadline, args.seed, settings["anchor_every"], log,
-        "prefill", on_round=lambda r: setattr(bench, "round", r))
-    log(f"[{time.time() - t_start:6.1f}s] prefill done ({prefill_rounds} rounds)")
+        settings["min_reps"], settings["max_reps"], prefill_deadline, run.args.seed, settings["anchor_every"],
+        run.log, "prefill", on_round=lambda r: setattr(bench, "round", r))
+    run.stamp(f"prefill done ({prefill_rounds} rounds)")
+    return prefill_rounds
 
-    # phase 2: end-to-end and memory on the subset
-    e2e_configs = [c for c in configs if c.k is None or (c.k in settings["e2e_k"] and c.rank in e2e_ranks)]
+
+def _memory_method(run: Run) -> str:
+    if run.device.type == "cuda":
+        return "torch.cuda.max_memory_allocated, reset before each call"
+    return ("a fresh process per configuration (model built, one warm-up prefill and generate, then the measured "
+            "calls), glibc mmap threshold fixed at 64 KiB; " if run.args.cpu_memory == "subprocess"
+            else "in this process (indicative only); ") + cpu_peak_supported()[1]
+
+
+def _end_to_end_configs(run: Run, configs: list[Config]) -> list[Config]:
+    """The end-to-end and memory subset: the unpruned references and the pruned ones at e2e_k x e2e_ranks."""
+    e2e_k = run.settings["e2e_k"]
+    return [c for c in configs if c.k is None or (c.k in e2e_k and c.rank in run.e2e_ranks)]
+
+
+def _end_to_end_phase(run: Run, bench: Bench, configs: list[Config]) -> int:
+    """Timed `generate` rounds on the end-to-end subset, then its peak memory. Returns the rounds run."""
+    settings, args = run.settings, run.args
+    e2e_configs = _end_to_end_configs(run, configs)
     new_tokens = tuple(settings["new_tokens"])
-    e2e_rounds = 0
-    memory_method = (
-        "torch.cuda.max_memory_allocated, reset before each call" if device.type == "cuda"
-        else ("a fresh process per configuration (model built, one warm-up prefill and generate, then the measured "
-              "calls), glibc mmap threshold fixed at 64 KiB; " if args.cpu_memory == "subprocess"
-              else "in this process (indicative only); ") + cpu_peak_supported()[1]
-    )
-    if not args.no_e2e:
-        warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
-        for config in e2e_configs if settings["e2e_warmup"] else []:  # warm-up of generate (untimed, short)
-            bench.generate(config, warm_tokens, record=False)
-        log(f"[{time.time() - t_start:6.1f}s] end-to-end warm-up done ({len(e2e_configs)} configurations)")
-        e2e_rounds = run_rounds(
-            e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
-            deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, log, "end-to-end", reserve_rounds=1)
-        log(f"[{time.time() - t_start:6.1f}s] end-to-end done ({e2e_rounds} rounds)")
-        # memory pass, last. GPU: allocator statistics in this process. CPU: a fresh process per configuration
-        if device.type == "cuda" or args.cpu_memory == "inprocess":
-            for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
-                if device.type == "cpu":
-                    bench.prefill(config, record=False, memory=True)
-                bench.generate(config, (max(new_tokens),), record=False, memory=True)
-        else:
-            for config in e2e_configs:
-                bench.memory[config.key] = run_memory_worker(args, config.key, max(new_tokens))
-        log(f"[{time.time() - t_start:6.1f}s] memory pass done")
+    warm_tokens = tuple(sorted({min(new_tokens), min(2, max(new_tokens))}))
+    for config in e2e_configs if settings["e2e_warmup"] else []:  # warm-up of generate (untimed, short)
+        bench.generate(config, warm_tokens, record=False)
+    run.stamp(f"end-to-end warm-up done ({len(e2e_configs)} configurations)")
+    deadline = run.t_start + settings["time_budget_s"]
+    e2e_rounds = run_rounds(
+        e2e_configs, lambda c: bench.generate(c, new_tokens), settings["e2e_min_reps"], settings["e2e_max_reps"],
+        deadline - 0.05 * settings["time_budget_s"], args.seed + 1, 0, run.log, "end-to-end", reserve_rounds=1)
+    run.stamp(f"end-to-end done ({e2e_rounds} rounds)")
+    _memory_pass(run, bench, e2e_configs, max(new_tokens))
+    run.stamp("memory pass done")
+    return e2e_rounds
 
-    # phase 3: the selection's memory against sequence length; summaries
-    rows = summarise(bench, configs, shape, n_tokens, n_image)
-    by_key = {r["key"]: r for r in rows}
-    selection = []
-    for config in selection_configs:
-        sample = bench.samples.get(config.key, {})
-        entry = {"k": config.k, "rank": config.rank,
-                 "selection_s": median(sample.get("selection_s", [])),
-                 "selection_min_s": min(sample.get("selection_s", [float("nan")])),
-                 "selection_and_gathers_s": median(sample.get("selection_and_gathers_s", []))}
-        drop = by_key.get(Config("drop", config.k, config.rank).key)
-        if drop and drop["prefill_s"] and entry["selection_s"] is not None:
-            entry["drop_prefill_s"] = drop["prefill_s"]
-            entry["share_of_prefill"] = entry["selection_s"] / drop["prefill_s"]
-        selection.append(entry)
-    seq_lens = [n_tokens * f for f in (1, 2, 4, 8)]
-    if device.type == "cpu" and args.cpu_memory == "subprocess":
-        selection_memory = run_memory_worker(args, "selection", 0, seq_lens)["selection_memory"]
+
+def _memory_pass(run: Run, bench: Bench, e2e_configs: list[Config], new_tokens: int) -> None:
+    """Peak memory of each configuration's prefill and generate(new_tokens), last. GPU: allocator statistics in
+    this process. CPU: a fresh process per configuration (or, --cpu-memory inprocess, this one)."""
+    device, args = run.device, run.args
+    if device.type == "cuda" or args.cpu_memory == "inprocess":
+        for config in random.Random(args.seed + 2).sample(e2e_configs, len(e2e_configs)):
+            if device.type == "cpu":
+                bench.prefill(config, record=False, memory=True)
+            bench.generate(config, (new_tokens,), record=False, memory=True)
     else:
-        selection_memory = selection_memory_scaling(model, device, dtype, seq_lens, preset.n_before_image,
-                                                    preset.n_after_image)
-    log(f"[{time.time() - t_start:6.1f}s] selection measured")
+        for config in e2e_configs:
+            bench.memory[config.key] = run_memory_worker(args, config.key, new_tokens)
 
-    if settings["e2e_k"] != settings["grid_k"] or set(e2e_ranks) != set(grid_ranks):
+
+def _selection_memory(run: Run) -> list[dict]:
+    """The selection's peak memory at 1, 2, 4 and 8 times the prompt's length (CPU: in a fresh process)."""
+    seq_lens = [run.n_tokens * f for f in (1, 2, 4, 8)]
+    if run.device.type == "cpu" and run.args.cpu_memory == "subprocess":
+        selection_memory = run_memory_worker(run.args, "selection", 0, seq_lens)["selection_memory"]
+    else:
+        selection_memory = selection_memory_scaling(run.model, run.device, run.dtype, seq_lens,
+                                                    run.preset.n_before_image, run.preset.n_after_image)
+    run.stamp("selection measured")
+    return selection_memory
+
+
+def _budget_notes(run: Run, prefill_rounds: int, e2e_rounds: int) -> list[str]:
+    """What this run measured less of than the full grid and the maximum rounds, and why."""
+    settings, notes = run.settings, []
+    if settings["e2e_k"] != settings["grid_k"] or set(run.e2e_ranks) != set(run.grid_ranks):
         notes.append(f"end-to-end and memory columns measured on a subset: K in {list(settings['e2e_k'])}, "
-                     f"R in {e2e_ranks} (plus the unpruned references), to keep the run within its time budget")
+                     f"R in {run.e2e_ranks} (plus the unpruned references), to keep the run within its time budget")
     if settings["side_by_side_k"] != settings["grid_k"]:
         notes.append(f"mask and eager FastV measured at K in {list(settings['side_by_side_k'])}; drop at every K")
-    if prefill_rounds < settings["max_reps"] or (not args.no_e2e and e2e_rounds < settings["e2e_max_reps"]):
+    if prefill_rounds < settings["max_reps"] or (not run.args.no_e2e and e2e_rounds < settings["e2e_max_reps"]):
         notes.append(f"time budget ({settings['time_budget_s']:.0f} s) cut the rounds to {prefill_rounds} prefill / "
                      f"{e2e_rounds} end-to-end (maximum {settings['max_reps']} / {settings['e2e_max_reps']})")
+    return notes
 
-    result = {
-        "meta": {
-            "preset": args.preset, "smoke": args.smoke, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{cpu_name()} ({os.cpu_count()} cores visible)",
-            "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parent),
-            "threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(argv if argv is not None
-                                                                                 else sys.argv[1:])),
-            "load_before": load_before, "load_after": load_average(), "busy_cores_before": busy_before,
-            "n_tokens": n_tokens, "n_image": n_image, "image_start": preset.n_before_image, "batch": args.batch,
-            "decoder_shape": {k: v for k, v in shape.__dict__.items()},
-            "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
-            "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
-            "anchor_every": settings["anchor_every"], "new_tokens": list(new_tokens),
-            "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {e2e_ranks}",
-            "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
-        },
-        "rows": rows,
-        "selection": selection,
-        "selection_memory": selection_memory,
-        "checks": checks(bench, configs),
-        "targets": targets(rows, selection, selection_memory, n_image),
-        "notes": notes,
+
+def _meta(run: Run, busy_before, prefill_rounds: int, e2e_rounds: int, memory_method: str) -> dict:
+    """Device, versions, command, load, prompt and model shapes, and the rounds this run made."""
+    args, device, preset, settings = run.args, run.device, run.preset, run.settings
+    return {
+        "preset": args.preset, "smoke": args.smoke, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{cpu_name()} ({os.cpu_count()} cores visible)",
+        "dtype": preset.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parent),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/bench_prefill.py"] + list(run.argv if run.argv is not None
+                                                                             else sys.argv[1:])),
+        "load_before": run.load_before, "load_after": load_average(), "busy_cores_before": busy_before,
+        "n_tokens": run.n_tokens, "n_image": run.n_image, "image_start": preset.n_before_image, "batch": args.batch,
+        "decoder_shape": {k: v for k, v in run.shape.__dict__.items()},
+        "vision_shape": dict(preset.vision), "vision_note": preset.vision_note, "qk_scale": preset.qk_scale,
+        "warmup": settings["warmup"], "prefill_rounds": prefill_rounds, "e2e_rounds": e2e_rounds,
+        "anchor_every": settings["anchor_every"], "new_tokens": list(settings["new_tokens"]),
+        "e2e_subset": f"K in {list(settings['e2e_k'])}, R in {run.e2e_ranks}",
+        "memory_method": memory_method, "time_budget_s": settings["time_budget_s"],
     }
-    result["meta"]["elapsed_s"] = time.time() - t_start
+
+
+def _write(run: Run, result: dict, out_dir: Path, stem: str) -> None:
+    """Print the markdown report and write it and the JSON result to out_dir/stem.{json,md}."""
     text = markdown(result)
     print(text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=1))
     (out_dir / f"{stem}.md").write_text(text + "\n")
-    log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
+    run.log(f"\nwrote {path} (and .md); elapsed {result['meta']['elapsed_s']:.0f} s")
     result["meta"]["json_path"] = str(path)
-    if args.profile:
-        result["profile"] = profile_prefill(model, inputs, device, *args.profile, out_dir, stem, log)
-    return result
 
 
 WORKER_MARK = "MEMORY-WORKER-RESULT "
@@ -1012,15 +398,12 @@ def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
     """--memory-worker: warm up one configuration, then measure its prefill and generate peaks (or the selection's
     memory at growing sequence lengths); prints one JSON line."""
     job = json.loads(args.memory_worker)
-    vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    bench = Bench(model, inputs, device, n_image, measure_memory_in_timed_runs=False)
+    bench = Bench(model, inputs, device, image_token_count(model), measure_memory_in_timed_runs=False)
     if job["key"] == "selection":
         result = {"selection_memory": selection_memory_scaling(model, device, dtype, job["seq_lens"],
                                                                preset.n_before_image, preset.n_after_image)}
     else:
-        mode, *rest = job["key"].split("/")
-        config = Config(mode, int(rest[0][1:]), int(rest[1][1:])) if rest else Config(mode)
+        config = Config.from_key(job["key"])
         n = job["new_tokens"]
         bench.prefill(config, record=False)
         bench.generate(config, (min(2, n),), record=False)
@@ -1029,48 +412,6 @@ def memory_worker(args, model, inputs, device, dtype, preset) -> dict:
         result = bench.memory[config.key]
     print(WORKER_MARK + json.dumps(result), flush=True)
     return result
-
-
-def busy_machine_note(device: torch.device, busy: float | None) -> str | None:
-    """A warning when other processes already use CPU cores this run's threads need."""
-    if device.type != "cpu" or busy is None:
-        return None
-    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
-    if busy + threads <= cores + 0.3:
-        return None
-    free = max(1, int(cores - busy + 0.3))
-    note = (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, which uses {threads} torch "
-            f"thread(s): timings are slower and noisier than on a quiet machine")
-    if threads > free:
-        note += (f"; with more threads than free cores, OpenMP threads wait on descheduled peers, which makes pruned "
-                 f"runs (same operator count, fewer FLOPs) gain much less than they should — re-run on a quiet "
-                 f"machine, or with --threads {free}")
-    return note
-
-
-def profile_prefill(model, inputs, device, k: int, rank: int, out_dir: Path, stem: str, log) -> dict:
-    """torch.profiler over one warm prefill per mode at (K, R): top operators by self time, and Chrome traces."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    tables = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for config in (Config("baseline"), Config("drop", k, rank), Config("mask", k, rank), Config("eager_fastv", k, rank)):
-        for _ in range(2):  # warm
-            with mode_context(model, config), torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
-        with mode_context(model, config), torch.inference_mode():
-            with profile(activities=activities, record_shapes=True) as prof:
-                model(**inputs, use_cache=True, logits_to_keep=1)
-                synchronize(device)
-        trace = out_dir / f"{stem}_profile_{config.key.replace('/', '_')}.json"
-        prof.export_chrome_trace(str(trace))
-        table = prof.key_averages().table(sort_by=sort_by, row_limit=15)
-        tables[config.key] = {"table": table, "trace": str(trace)}
-        log(f"\n#### profile: {config.key} (trace {trace})\n{table}")
-    model.set_attn_implementation({"text_config": "sdpa"})
-    return tables
 
 
 if __name__ == "__main__":

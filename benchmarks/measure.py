@@ -141,3 +141,20 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def busy_machine_note(device: torch.device, busy: float | None) -> str | None:
+    """A warning when other processes already use CPU cores this run's threads need."""
+    if device.type != "cpu" or busy is None:
+        return None
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    if busy + threads <= cores + 0.3:
+        return None
+    free = max(1, int(cores - busy + 0.3))
+    note = (f"other processes kept {busy:.1f} of {cores} cores busy just before the run, which uses {threads} torch "
+            f"thread(s): timings are slower and noisier than on a quiet machine")
+    if threads > free:
+        note += (f"; with more threads than free cores, OpenMP threads wait on descheduled peers, which makes pruned "
+                 f"runs (same operator count, fewer FLOPs) gain much less than they should — re-run on a quiet "
+                 f"machine, or with --threads {free}")
+    return note

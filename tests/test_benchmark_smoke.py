@@ -15,6 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench_prefill  # noqa: E402
+import selection_cost  # noqa: E402
+from fastv_advanced.strategies import get_strategy  # noqa: E402
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 
 
@@ -118,3 +120,32 @@ def test_mask_mode_and_eager_fastv_decode_like_physical_drop(tiny):
     for name in ("mask", "eager"):
         assert torch.equal(scores[name][0], scores["drop"][0]), name
         torch.testing.assert_close(scores[name][1], scores["drop"][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg_layer,rank", [(1, 20), (2, 32), (3, 0), (2, 64)])
+def test_timed_selection_step_keeps_what_apply_fastv_keeps(tiny, agg_layer, rank):
+    """The benchmark's selection step, on the tensors it captures at layer K-1, keeps the pruner's positions."""
+    model, inputs = tiny
+    config = FastVConfig(agg_layer=agg_layer, attention_rank=rank)
+    with apply_fastv(model, config) as fastv, torch.no_grad():
+        model(**inputs)
+    captured = selection_cost.selection_inputs(model, inputs, agg_layer)
+    kept = selection_cost.selection_step(captured, rank, config, get_strategy(config.token_selection_method),
+                                         torch.Generator().manual_seed(0), with_gathers=True)
+    assert torch.equal(kept, fastv.last_selection.kept_positions)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only detectable on CUDA")
+def test_timed_selection_step_has_no_host_sync():
+    preset, device = bench_prefill.PRESETS["tiny"], torch.device("cuda")
+    model = bench_prefill.build_model(preset, device, torch.float32, seed=0)
+    inputs = bench_prefill.build_inputs(model, preset, device, torch.float32, batch=2, seed=1)
+    captured = selection_cost.selection_inputs(model, inputs, 2)
+    config = FastVConfig(agg_layer=2, attention_rank=32)
+    strategy = get_strategy(config.token_selection_method)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        selection_cost.selection_step(captured, 32, config, strategy, torch.Generator().manual_seed(0), True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
