@@ -16,7 +16,6 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_prefill  # noqa: E402
 import selection_cost  # noqa: E402
-from fastv_advanced.strategies import get_strategy  # noqa: E402
 from fastv_baselines import EagerFastV, MaskModeFastV  # noqa: E402
 
 
@@ -130,9 +129,10 @@ def test_timed_selection_step_keeps_what_apply_fastv_keeps(tiny, agg_layer, rank
     with apply_fastv(model, config) as fastv, torch.no_grad():
         model(**inputs)
     captured = selection_cost.selection_inputs(model, inputs, agg_layer)
-    kept = selection_cost.selection_step(captured, rank, config, get_strategy(config.token_selection_method),
-                                         torch.Generator().manual_seed(0), with_gathers=True)
+    generator = torch.Generator().manual_seed(0)
+    kept = selection_cost.selection_step(captured, config, generator, with_gathers=True)
     assert torch.equal(kept, fastv.last_selection.kept_positions)
+    assert torch.equal(selection_cost.selection_step(captured, config, generator), kept)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only detectable on CUDA")
@@ -142,10 +142,9 @@ def test_timed_selection_step_has_no_host_sync():
     inputs = bench_prefill.build_inputs(model, preset, device, torch.float32, batch=2, seed=1)
     captured = selection_cost.selection_inputs(model, inputs, 2)
     config = FastVConfig(agg_layer=2, attention_rank=32)
-    strategy = get_strategy(config.token_selection_method)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        selection_cost.selection_step(captured, 32, config, strategy, torch.Generator().manual_seed(0), True)
+        selection_cost.selection_step(captured, config, torch.Generator().manual_seed(0), True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
