@@ -222,3 +222,39 @@ def schedule_greedy_generate(eager_model, inputs_embeds, attention_mask, dropped
         dropped = [torch.cat([d, pad], dim=1) for d in dropped]
         compacted = [torch.cat([c, pad], dim=1) for c in compacted]
     return torch.stack(tokens, dim=1)
+
+
+# -- physically shortened sequences -----------------------------------------------------------------------------------
+
+
+def physical_forward(eager_model, inputs_embeds, attention_mask, position_fn, stages, capture_before=True):
+    """A no-cache forward as a plain loop over the decoder layers of an eager model, where before layer l in
+    `stages` the sequence is rebuilt by `stages[l](hidden, probs, attention_mask) -> (hidden, attention_mask)`
+    (probs: layer l-1's attention probabilities [batch, heads, S, S]); positions are `position_fn(attention_mask)`
+    of the current sequence (renumbered). Returns logits [batch, S', vocab] and the final attention mask."""
+    text_model = eager_model.model.language_model
+    captured = {}
+    handles = [layer.self_attn.register_forward_hook(lambda m, a, out, i=i: captured.update({i: out[1]}))
+               for i, layer in enumerate(text_model.layers)]
+    hidden, mask = inputs_embeds, attention_mask
+    minimum = torch.finfo(inputs_embeds.dtype).min
+    try:
+        with torch.no_grad():
+            for index, layer in enumerate(text_model.layers):
+                if index in stages:
+                    hidden, mask = stages[index](hidden, captured.get(index - 1), mask)
+                seq_len = hidden.shape[1]
+                allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+                positions = position_fn(mask)
+                rope = text_model.rotary_emb(hidden, position_ids=positions)
+                hidden = layer(hidden, attention_mask=torch.where(allowed, 0.0, minimum)[:, None].to(hidden.dtype),
+                               position_embeddings=rope, position_ids=positions)
+            return eager_model.lm_head(text_model.norm(hidden)), mask
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plain_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a plain forward: 0..S-1, padding counted."""
+    return torch.arange(mask.shape[1]).expand(mask.shape[0], -1)

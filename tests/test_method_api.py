@@ -97,7 +97,7 @@ def test_every_registered_method_prunes_the_tiny_model(tiny):
     model, processor, _ = tiny
     inputs = make_inputs(processor, PROMPTS, seeds=[4, 5])
     small = {"fastv": {"attention_rank": "16"}, "pdrop": {"layers": "1,3"}, "dart": {"max_num_truncation": "16"},
-             "visionzip": {"dominant": "8", "contextual": "4"}}
+             "visionzip": {"dominant": "8", "contextual": "4"}, "sparsevlm": {"layers": "0,1", "keep": "30,12"}}
     for name in available_methods():
         method = build_method(name, small.get(name, {}))
         with apply_pruning(model, method) as pruner:

@@ -241,3 +241,115 @@ def test_visionzip_equals_a_shorter_prompt_of_its_tokens(tiny, rows):
         real = mask[b].bool()
         torch.testing.assert_close(out_logits[b][real], expected[b][real], rtol=1e-4, atol=1e-4)
     assert generated.tolist() == ref.schedule_greedy_generate(eager, shortened, mask, none, none, 4).tolist()
+
+
+class SparseVLMReference:
+    """SparseVLM v1.5 written out row by row: raters from the input embeddings, rater-row attention of the layer
+    before each stage, top-k, recycling by density-peak clustering in plain loops. The first pass records what it
+    kept and merged (`plan`); later passes (the prompt plus generated tokens) replay it."""
+
+    def __init__(self, embeds, input_ids, image_token_id, layers, keep, noise_seed=0):
+        self.layers, self.keep = layers, keep
+        self.starts, self.texts = [], []
+        for b, row in enumerate(input_ids.tolist()):
+            image = [j for j, t in enumerate(row) if t == image_token_id]
+            self.starts.append(image[0])
+            self.texts.append(len(row) - image[-1] - 1)  # tokens after the image block
+        self.raters = [self._raters(embeds[b], self.starts[b], len(image), self.texts[b])
+                       for b in range(embeds.shape[0])]
+        self.noise_seed, self.plan, self.scores = noise_seed, {}, {}
+
+    @staticmethod
+    def _raters(e, start, n, text):
+        image = [e[start + v].float() for v in range(n)]
+        tokens = [e[e.shape[0] - text + t].float() for t in range(text)]
+        relevance = [0.0] * text
+        for v in image:
+            row = torch.softmax(torch.stack([v @ t for t in tokens]), dim=0)
+            relevance = [r + float(row[t]) / n for t, r in enumerate(relevance)]
+        mean = sum(relevance) / text
+        return [t for t in range(text) if relevance[t] > mean]  # offsets among the text tokens
+
+    def stages(self, n_image):
+        self.n, self.generator = n_image, torch.Generator().manual_seed(self.noise_seed)
+        return {layer + 1: (lambda h, p, m, s=s: self._stage(s, h, p, m)) for s, layer in enumerate(self.layers)}
+
+    def _stage(self, s, hidden, probs, mask):
+        batch, seq_len, width = hidden.shape
+        k = min(self.keep[s], self.n - 1)
+        m = int(0.3 * (self.n - k)) + 1
+        noise = torch.rand(batch, m, generator=self.generator) * 1e-6
+        rows = []
+        for b in range(batch):
+            start = self.starts[b]
+            if s not in self.plan.get(b, {}):
+                self.plan.setdefault(b, {})[s] = self._choose(s, b, hidden[b], probs[b], start, k, m, noise[b])
+            kept, groups = self.plan[b][s]
+            block = [hidden[b, start + j] for j in kept]
+            block += [sum(hidden[b, start + j] for j in g) / len(g) for g in groups]
+            rows.append(torch.cat([hidden[b, :start], torch.stack(block), hidden[b, start + self.n:]]))
+        new_n = k + len(self.plan[0][s][1])
+        mask = torch.stack([torch.cat([mask[b, : self.starts[b]], torch.ones(new_n, dtype=mask.dtype),
+                                       mask[b, self.starts[b] + self.n:]]) for b in range(batch)])
+        self.n = new_n
+        return torch.stack(rows), mask
+
+    def _choose(self, s, b, hidden, probs, start, k, m, noise):
+        seq_len = hidden.shape[0]
+        rater_rows = [seq_len - self.texts[b] + t for t in self.raters[b]]
+        head_mean = probs.float().mean(dim=0)  # [S, S]
+        scores = [sum(float(head_mean[r, start + j]) for r in rater_rows) / len(rater_rows) for j in range(self.n)]
+        self.scores.setdefault(b, {})[s] = scores
+        order = sorted(range(self.n), key=lambda j: -scores[j])
+        kept, recycled = sorted(order[:k]), order[k : k + m]
+        points = [hidden[start + j].float() for j in recycled]
+        c = m // 10 + 1
+        d = [[float((x - y).norm()) / math.sqrt(hidden.shape[-1]) for y in points] for x in points]
+        density = [math.exp(-sum(v * v for v in sorted(row)[:c]) / c) + float(noise[i]) for i, row in enumerate(d)]
+        farthest = max(max(row) for row in d)
+        delta = [min([d[i][j] for j in range(m) if density[j] > density[i]] or [farthest]) for i in range(m)]
+        centres = sorted(range(m), key=lambda i: -density[i] * delta[i])[:c]
+        assign = [min(range(c), key=lambda ci: d[i][centres[ci]]) for i in range(m)]
+        for ci, centre in enumerate(centres):
+            assign[centre] = ci
+        return kept, [[recycled[i] for i in range(m) if assign[i] == ci] for ci in range(c)]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_sparsevlm_matches_a_physical_reference(tiny, rows):
+    model, processor, eager = tiny
+    inputs = make_inputs(processor, PROMPTS[:rows], seeds=[31, 32][:rows])
+    method = build_method("sparsevlm", {"layers": "0,1", "keep": "30,12"})
+    with apply_pruning(model, method) as pruner:
+        pruner.reseed(0)
+        out_logits = logits(model, inputs)
+        selections = pruner.selections
+        pruner.reseed(0)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    embeds = ref.embeddings(model, inputs)
+    reference = SparseVLMReference(embeds, inputs["input_ids"], model.config.image_token_id, (0, 1), (30, 12))
+    expected, mask = ref.physical_forward(eager, embeds, inputs["attention_mask"], ref.plain_positions,
+                                          reference.stages(NUM_IMAGE))
+    assert [s.num_kept for s in selections] == [30 + 2, 12 + 1]
+    for stage, selection in enumerate(selections):
+        for b in range(rows):
+            torch.testing.assert_close(selection.scores[b], torch.tensor(reference.scores[b][stage]),
+                                       rtol=1e-4, atol=1e-6)
+    assert out_logits.shape == expected.shape
+    for b in range(rows):
+        real = mask[b].bool()
+        torch.testing.assert_close(out_logits[b][real], expected[b][real], rtol=1e-4, atol=1e-4)
+
+    generating = SparseVLMReference(embeds, inputs["input_ids"], model.config.image_token_id, (0, 1), (30, 12))
+    tokens, sequence, full_mask = [], embeds, inputs["attention_mask"]
+    for _ in range(4):
+        step_logits, _ = ref.physical_forward(eager, sequence, full_mask, ref.generate_positions,
+                                              generating.stages(NUM_IMAGE))
+        token = step_logits[:, -1].argmax(-1)
+        tokens.append(token)
+        with torch.no_grad():
+            sequence = torch.cat([sequence, eager.get_input_embeddings()(token)[:, None]], dim=1)
+        full_mask = torch.cat([full_mask, torch.ones(rows, 1, dtype=full_mask.dtype)], dim=1)
+        generating.texts = [t + 1 for t in generating.texts]  # the plan is replayed; the new token is text
+    assert out[:, inputs["input_ids"].shape[1]:].tolist() == torch.stack(tokens, dim=1).tolist()

@@ -31,7 +31,7 @@ from .adapters import adapter_for
 from .methods import Choice, PruningMethod, Stage, StageInputs
 from .methods.base import VisionFeatures
 from .selection import gather_mask, gather_rows, image_attention, kept_sequence, last_query_attention
-from .selection import ordered_positions, rotated_keys, top_scores
+from .selection import ordered_positions, query_rows_attention, rotated_keys, top_scores
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -90,17 +90,21 @@ class _Prompt:
 
     is_image: BoolTensor[batch, S] of the original prompt; image_start: LongTensor[batch];
     image_positions: LongTensor[batch, n] in the current sequence; image_indices: LongTensor[batch, n] among the
-    original image tokens; positions: LongTensor[batch, S_cur], original positions of the current tokens.
+    original image tokens; positions: LongTensor[batch, S_cur], original positions of the current tokens;
+    text_rows: the most tokens after the image block in a row; embeddings: the input embeddings, when a stage
+    asked for them.
     """
 
     is_image: torch.Tensor
     num_image: int
+    text_rows: int
     image_start: torch.Tensor
     image_positions: torch.Tensor
     image_indices: torch.Tensor
     positions: torch.Tensor
     attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
     keys: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, S_cur, kv_heads * head_dim], RoPE'd
+    embeddings: torch.Tensor | None = None
 
 
 @dataclass
@@ -158,10 +162,14 @@ class Pruner:
             self.adapter.prompt_module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
             self.adapter.prompt_module.register_forward_hook(self._on_forward_end),
         ]
-        attention_layers = {s.attention_layer for s in self.stages if s.attention_layer not in (None, s.layer)}
+        attention_rows = {s.attention_layer: s.attention_rows for s in self.stages
+                          if s.attention_layer not in (None, s.layer)}
         keys_layers = {s.keys_layer for s in self.stages if s.keys_layer not in (None, s.layer)}
-        for layer in sorted(attention_layers | keys_layers):
-            self._hook_attention(layer, layer in attention_layers, layer in keys_layers)
+        for layer in sorted(set(attention_rows) | keys_layers):
+            self._hook_attention(layer, attention_rows.get(layer), layer in keys_layers)
+        if any(stage.embeddings for stage in self.stages):
+            self._handles.append(self.adapter.layers[0].register_forward_pre_hook(self._capture_embeddings,
+                                                                                  with_kwargs=True))
         if any(stage.vision for stage in self.stages):
             self._hook_vision()
         for index in range(self.stages[0].layer, len(self.adapter.layers)):
@@ -184,11 +192,19 @@ class Pruner:
                         f"{self.method.name}: the stage before layer {stage.layer} reads layer {layer}'s {what}; it "
                         f"must lie in [{max(previous, 0)}, {stage.layer}]"
                     )
+            if stage.attention_rows == "text" and stage.attention_layer == stage.layer:
+                raise ValueError(f"{self.method.name}: text-row attention is read from a layer before the stage")
             if stage.vision and stage.layer != 0:
                 raise ValueError(f"{self.method.name}: a stage that reads the vision tower must prune at layer 0")
             previous = stage.layer
 
-    def _hook_attention(self, layer: int, attention_wanted: bool, keys_wanted: bool) -> None:
+    def _capture_embeddings(self, module, args, kwargs):
+        if self._prompt is not None:
+            self._prompt.embeddings = args[0] if args else kwargs["hidden_states"]
+
+    def _hook_attention(self, layer: int, rows: str | None, keys_wanted: bool) -> None:
+        """Hooks on layer `layer`'s attention: its last row ("last") or its text rows ("text") over the image
+        tokens, and/or its keys after RoPE, stored on the prompt for the stage that reads them."""
         attention = self.adapter.attention(layer)
         q_module, k_module = self.adapter.query_key_modules(layer)
         layout = self.adapter.head_layout(layer)
@@ -199,8 +215,9 @@ class Pruner:
                 captured.update(mask=kwargs.get("attention_mask"), rope=kwargs.get("position_embeddings"))
 
         def query(module, args, output):
-            if self._prompt is not None and attention_wanted:
-                captured["query"] = output[:, -1:]  # [batch, 1, heads * head_dim]
+            if self._prompt is not None and rows is not None:
+                count = 1 if rows == "last" else self._prompt.text_rows
+                captured["query"] = output[:, -count:]  # [batch, Q, heads * head_dim]
 
         def keys(module, args, output):
             if self._prompt is not None:
@@ -209,9 +226,10 @@ class Pruner:
         def score(module, args, output):
             if self._prompt is not None:
                 cos, sin = captured["rope"]
-                if attention_wanted:
-                    probs = last_query_attention(captured["query"], captured["keys"], cos, sin, captured["mask"],
-                                                 layout.head_dim, layout.scaling)  # [batch, heads, S]
+                if rows is not None:
+                    scoring = last_query_attention if rows == "last" else query_rows_attention
+                    probs = scoring(captured["query"], captured["keys"], cos, sin, captured["mask"],
+                                    layout.head_dim, layout.scaling)  # [batch, heads, (Q,) S]
                     self._prompt.attention[layer] = image_attention(probs, self._prompt.image_positions)
                 if keys_wanted:
                     self._prompt.keys[layer] = rotated_keys(captured["keys"], cos, sin, layout.head_dim)
@@ -306,9 +324,9 @@ class Pruner:
         padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         pads = (attention_mask == 0).sum(dim=1) if padded else torch.zeros_like(counts)
         right_padded = (attention_mask[:, -1] == 0).any().long()[None] if padded else counts.new_zeros(1)
-        values = torch.cat([counts, image_start - pads, right_padded]).tolist()
+        values = torch.cat([counts, image_start - pads, image_start, right_padded]).tolist()
         batch = input_ids.shape[0]
-        counts_list, starts = values[:batch], values[batch : 2 * batch]
+        counts_list, starts, padded_starts = values[:batch], values[batch : 2 * batch], values[2 * batch : 3 * batch]
         if max(counts_list) == 0:
             return None
         if min(counts_list) != max(counts_list):
@@ -324,6 +342,7 @@ class Pruner:
         return _Prompt(
             is_image=is_image,
             num_image=num_image,
+            text_rows=max(seq_len - start - num_image for start in padded_starts),
             image_start=image_start,
             image_positions=ordered_positions(is_image, num_image),
             image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
@@ -367,7 +386,16 @@ class Pruner:
             keys=keys,
             adapter=self.adapter,
             vision=self._take_vision() if stage.vision else None,
+            query_is_text=self._query_is_text(hidden.shape[1]) if stage.attention_rows == "text" else None,
+            embeddings=prompt.embeddings if stage.embeddings else None,
+            original_image_positions=ordered_positions(prompt.is_image, prompt.num_image) if stage.embeddings else None,
         )
+
+    def _query_is_text(self, seq_len: int) -> torch.Tensor:
+        """BoolTensor[batch, Q]: which of the last Q positions come after each row's image block."""
+        prompt = self._prompt
+        window = torch.arange(seq_len - prompt.text_rows, seq_len, device=prompt.image_positions.device)
+        return window[None] > prompt.image_positions[:, -1:]
 
     def _take_vision(self) -> VisionFeatures:
         vision, self._vision = self._vision, None

@@ -57,6 +57,42 @@ def last_query_attention(
     return logits.softmax(dim=-1)
 
 
+def query_rows_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    head_dim: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention probabilities of the last Q positions over all keys: FloatTensor[batch, heads, Q, S].
+
+    queries: [batch, Q, heads * head_dim] (before RoPE); otherwise as `last_query_attention`, whose mask rows -Q..-1
+    are read (a 2D padding mask or None adds the causal mask).
+    """
+    batch, seq_len, _ = keys.shape
+    rows = queries.shape[1]
+    num_heads, num_kv_heads = queries.shape[-1] // head_dim, keys.shape[-1] // head_dim
+    group = num_heads // num_kv_heads
+    q = apply_rope(queries.view(batch, rows, num_heads, head_dim).transpose(1, 2), cos[:, -rows:], sin[:, -rows:])
+    k = apply_rope(keys.view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2), cos, sin)
+    q = q.reshape(batch, num_kv_heads, group, rows, head_dim).float()
+    logits = torch.einsum("bkgqd,bksd->bkgqs", q, k.float()).reshape(batch, num_heads, rows, seq_len) * scaling
+    query_position = torch.arange(seq_len - rows, seq_len, device=keys.device)
+    causal = torch.arange(seq_len, device=keys.device)[None] <= query_position[:, None]  # [Q, S]
+    logits = logits.masked_fill(~causal, float("-inf"))
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            block = attention_mask[:, :, -rows:, -seq_len:]
+        elif attention_mask.dim() == 2:
+            block = attention_mask[:, None, None, -seq_len:].bool()
+        else:
+            raise TypeError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
+        logits = logits.masked_fill(~block, float("-inf")) if block.dtype == torch.bool else logits + block.float()
+    return logits.softmax(dim=-1)
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Per batch row, pick positions `index` [batch, n] along `dim` of x [batch or 1, ...]."""
     x = x.expand(index.shape[0], *x.shape[1:])
@@ -89,7 +125,11 @@ def ordered_positions(flags: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def image_attention(probs: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
-    """The columns of `probs` [batch, heads, S] at `image_positions` [batch, n]: [batch, heads, n]."""
+    """The columns of `probs` [batch, heads, S] (or [batch, heads, Q, S]) at `image_positions` [batch, n]:
+    [batch, heads, n] (or [batch, heads, Q, n])."""
+    if probs.dim() == 4:
+        index = image_positions[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+        return probs.gather(3, index)
     return probs.gather(2, image_positions[:, None, :].expand(-1, probs.shape[1], -1))
 
 

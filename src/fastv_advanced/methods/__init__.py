@@ -134,7 +134,7 @@ def method_from_result(section: dict) -> PruningMethod | None:
     return None
 
 
-from . import dart, divprune, fastv, grid, pdrop, visionzip  # noqa: E402,F401  (built-in methods register themselves)
+from . import dart, divprune, fastv, grid, pdrop, sparsevlm, visionzip  # noqa: E402,F401  (built-in methods register themselves)
 
 __all__ = [
     "Choice", "PruningMethod", "Stage", "StageInputs", "available_methods", "build_method", "describe_methods",

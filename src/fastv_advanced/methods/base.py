@@ -31,6 +31,10 @@ class Stage:
         rules as `attention_layer`.
     hidden_states: the stage needs the input hidden states of `layer` (`StageInputs.hidden_states`).
     vision: the stage needs the vision tower's select layer (`StageInputs.vision`); only at layer 0.
+    attention_rows: "last" (the last prompt position's row) or "text" (the rows of the Q positions at the end of
+        the prompt, the text after the image block: `StageInputs.attention` is then [batch, heads, Q, n] and
+        `StageInputs.query_is_text` says which of those rows are text after the image in each row).
+    embeddings: the stage needs the language model's input embeddings of the whole prompt (`StageInputs.embeddings`).
     compact_positions: kept tokens are renumbered 0..S'-1 (positions close the gaps) instead of keeping their
         original positions.
     """
@@ -41,6 +45,12 @@ class Stage:
     hidden_states: bool = False
     compact_positions: bool = False
     vision: bool = False
+    attention_rows: str = "last"
+    embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_rows not in ("last", "text"):
+            raise ValueError(f"attention_rows={self.attention_rows!r}: choose 'last' or 'text'")
 
 
 @dataclass
@@ -72,6 +82,10 @@ class StageInputs:
     generator: a seeded `torch.Generator` (on the CPU) for methods with randomness.
     adapter: the model family's adapter (`final_norm`, `project_image_features`, ...), for methods that need one.
     vision: the vision tower's select-layer features (`VisionFeatures`), or None.
+    query_is_text: BoolTensor[batch, Q] for `attention_rows="text"`: which of the last Q positions are text after
+        the image block.
+    embeddings: FloatTensor[batch, S0, hidden], the language model's input (original prompt), or None;
+        original_image_positions: LongTensor[batch, N], where its image tokens are.
     """
 
     num_image_tokens: int
@@ -84,6 +98,9 @@ class StageInputs:
     keys: torch.Tensor | None = None
     adapter: object = None
     vision: VisionFeatures | None = None
+    query_is_text: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    original_image_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -120,6 +137,12 @@ def _format_value(value) -> str:
     if isinstance(value, (tuple, list)):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
     return str(value)
+
+
+def _stem_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "-".join(_stem_value(v) for v in value)
+    return _format_value(value)
 
 
 @dataclass
@@ -181,8 +204,8 @@ class PruningMethod:
 
     def file_stem(self) -> str:
         """The method's part of result file names: the name, then each non-default parameter."""
-        parts = [self.name] + [f"{k}{_format_value(v)}" for k, v in self.changed_parameters().items()]
-        return re.sub(r"[^A-Za-z0-9_.,-]", "-", "_".join(parts))
+        parts = [self.name] + [f"{k}{_stem_value(v)}" for k, v in self.changed_parameters().items()]
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", "_".join(parts))
 
     def sort_key(self) -> tuple:
         """Row order among the runs of this method (the method's own name orders methods)."""
