@@ -107,4 +107,28 @@ def test_every_registered_method_prunes_the_tiny_model(tiny):
                 model.generate(**inputs, max_new_tokens=2, do_sample=False)
         counts = [s.num_kept for s in pruner.selections]
         assert counts == sorted(counts, reverse=True) and counts[-1] < 64, name
+        planned = method.kept_per_stage(len(model.model.language_model.layers), 64)
+        assert planned == [(s.layer, s.num_kept) for s in pruner.selections], name
         assert out.shape[1] == pruner.last_selection.kept_positions.shape[1], name
+
+
+def test_budget_solving_meets_a_flops_target_for_every_method():
+    from fastv_advanced.budget import planned_flops, solve_budget
+    from fastv_advanced.flops import DecoderShape, layer_flops
+
+    shape = DecoderShape(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                         head_dim=128)
+    tokens = 35 + 576 + 90
+    fastv = solve_budget(build_method("fastv"), 0.5, shape, tokens, 576)
+    kept = fastv.attention_rank
+    by_hand = [(2 * layer_flops(shape, tokens) + 30 * layer_flops(shape, tokens - 576 + r)) / (32 * layer_flops(shape, tokens))
+               for r in (kept - 1, kept, kept + 1)]
+    assert abs(by_hand[1] - 0.5) <= min(abs(by_hand[0] - 0.5), abs(by_hand[2] - 0.5))
+    for name in available_methods():
+        method = build_method(name, {"layers": "2,8,16"} if name == "pdrop" else {})
+        solved = solve_budget(method, 0.35, shape, tokens, 576)
+        assert abs(planned_flops(solved, shape, tokens, 576)["ratio"] - 0.35) < 0.03, name
+        for label, params in type(method).presets.items():
+            assert build_method(name, params).kept_per_stage(32, 576), (name, label)
+    with pytest.raises(ValueError, match=r"outside the allowed range \(0, 1\]"):
+        solve_budget(build_method("dart"), 1.5, shape, tokens, 576)

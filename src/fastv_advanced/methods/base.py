@@ -153,12 +153,16 @@ class PruningMethod:
     display_name: how tables and plots call the method.
     budget_parameter: the field that sets how many tokens are kept (what a sweep solves for at a FLOPs target).
     not_in_results: fields that never change what the method answers (left out of fingerprints and labels).
+    presets: named settings, e.g. the paper's "192", "128" and "64" token budgets for LLaVA-1.5 (576 image tokens).
+    budget_choices: the values the budget parameter can take, when it is not a number on a scale.
     """
 
     name: ClassVar[str] = ""
     display_name: ClassVar[str] = ""
     budget_parameter: ClassVar[str | None] = None
     not_in_results: ClassVar[tuple[str, ...]] = ()
+    presets: ClassVar[dict[str, dict]] = {}
+    budget_choices: ClassVar[tuple | None] = None
 
     # -- what a subclass implements --------------------------------------------------------------------------------
 
@@ -170,6 +174,11 @@ class PruningMethod:
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         """Which image tokens stage `stage_index` keeps."""
         raise NotImplementedError
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        """(stage layer, image tokens left after it) for a prompt of `num_image_tokens` image tokens, without running
+        the model (theoretical FLOPs, budget solving)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how many tokens it keeps")
 
     # -- parameters, generic -----------------------------------------------------------------------------------
 

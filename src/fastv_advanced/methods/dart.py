@@ -30,6 +30,7 @@ class DART(PruningMethod):
     name: ClassVar[str] = "dart"
     display_name: ClassVar[str] = "DART"
     budget_parameter: ClassVar[str] = "max_num_truncation"
+    presets: ClassVar[dict[str, dict]] = {str(n): {"max_num_truncation": n} for n in (192, 128, 64)}
 
     layer: int = 2
     max_num_truncation: int = 128
@@ -51,6 +52,9 @@ class DART(PruningMethod):
     def num_kept(self, num_image_tokens: int) -> int:
         pivots = self.pivot_image_tokens + self.pivot_text_tokens
         return self.pivot_image_tokens + pivots * (self.max_num_truncation // pivots)
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(self.layer, min(self.num_kept(num_image_tokens), num_image_tokens))]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         n = inputs.num_image_tokens

@@ -26,6 +26,7 @@ class DivPrune(PruningMethod):
     name: ClassVar[str] = "divprune"
     display_name: ClassVar[str] = "DivPrune"
     budget_parameter: ClassVar[str] = "ratio"
+    presets: ClassVar[dict[str, dict]] = {str(n): {"ratio": n / 576} for n in (192, 128, 64)}
 
     ratio: float = 0.098
 
@@ -34,6 +35,9 @@ class DivPrune(PruningMethod):
 
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(layer=0, hidden_states=True, compact_positions=True)]
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(0, round(self.ratio * num_image_tokens))]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         n = inputs.num_image_tokens

@@ -43,6 +43,7 @@ class FastVConfig(PruningMethod):
     display_name: ClassVar[str] = "FastV"
     budget_parameter: ClassVar[str] = "attention_rank"
     not_in_results: ClassVar[tuple[str, ...]] = ("sys_length", "image_token_length")
+    presets: ClassVar[dict[str, dict]] = {str(n): {"agg_layer": 2, "attention_rank": n} for n in (192, 128, 64)}
 
     agg_layer: int = 2
     attention_rank: int | None = None
@@ -90,6 +91,9 @@ class FastVConfig(PruningMethod):
         strategy = get_strategy(self.token_selection_method)
         scores, head_index = run_strategy(strategy, inputs.attention, self, inputs.generator)
         return Choice(scores, self.num_kept(inputs.num_image_tokens), head_index)
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(self.agg_layer, self.num_kept(num_image_tokens))]
 
     def num_kept(self, num_image_tokens: int) -> int:
         """R for an input with `num_image_tokens` image tokens; ValueError when the rank exceeds them."""

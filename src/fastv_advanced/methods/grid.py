@@ -36,6 +36,7 @@ class UniformGrid(PruningMethod):
     name: ClassVar[str] = "uniform"
     display_name: ClassVar[str] = "Uniform grid"
     budget_parameter: ClassVar[str] = "stride"
+    presets: ClassVar[dict[str, dict]] = {"144": {"stride": 2}, "64": {"stride": 3}}
 
     stride: int = 2
 
@@ -44,6 +45,10 @@ class UniformGrid(PruningMethod):
 
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(layer=0, compact_positions=True)]
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        side = grid_side(num_image_tokens)
+        return [(0, len(range(self.stride // 2, side, self.stride)) ** 2)]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         side = grid_side(inputs.num_image_tokens)
@@ -60,6 +65,7 @@ class AveragePool(PruningMethod):
     name: ClassVar[str] = "pool"
     display_name: ClassVar[str] = "Average pooling"
     budget_parameter: ClassVar[str] = "size"
+    presets: ClassVar[dict[str, dict]] = {"144": {"size": 2}, "64": {"size": 3}}
 
     size: int = 2
 
@@ -68,6 +74,9 @@ class AveragePool(PruningMethod):
 
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(layer=0, hidden_states=True, compact_positions=True)]
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(0, (grid_side(num_image_tokens) // self.size) ** 2)]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         side = grid_side(inputs.num_image_tokens)

@@ -28,6 +28,10 @@ class PyramidDrop(PruningMethod):
     name: ClassVar[str] = "pdrop"
     display_name: ClassVar[str] = "PyramidDrop"
     budget_parameter: ClassVar[str] = "ratio"
+    presets: ClassVar[dict[str, dict]] = {  # the authors' low-budget layers; lambda solved for the 32-layer mean
+        "192": {"layers": (2, 8, 16), "ratio": 0.56}, "128": {"layers": (2, 8, 16), "ratio": 0.42},
+        "64": {"layers": (2, 8, 16), "ratio": 0.19},
+    }
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5
@@ -49,6 +53,9 @@ class PyramidDrop(PruningMethod):
     def num_kept(self, stage_index: int, num_original: int) -> int:
         """Image tokens left after stage `stage_index` of a prompt with `num_original` image tokens."""
         return int(num_original * self.ratio ** (stage_index + 1))
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(layer, self.num_kept(s, num_image_tokens)) for s, layer in enumerate(self.layers)]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         scores = inputs.attention.mean(dim=1)  # [batch, heads, n] -> [batch, n]

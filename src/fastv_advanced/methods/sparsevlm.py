@@ -39,6 +39,8 @@ class SparseVLM(PruningMethod):
     name: ClassVar[str] = "sparsevlm"
     display_name: ClassVar[str] = "SparseVLM"
     budget_parameter: ClassVar[str] = "budget"
+    presets: ClassVar[dict[str, dict]] = {str(n): {"budget": n} for n in (192, 128, 64)}
+    budget_choices: ClassVar[tuple[int, ...]] = tuple(sorted(KEEP_TABLES))
 
     budget: int = 192
     layers: tuple[int, ...] = (2, 6, 15)
@@ -65,6 +67,14 @@ class SparseVLM(PruningMethod):
         check_range("layers[-1]", self.layers[-1], 0, num_layers - 2, integer=True)
         return [Stage(layer=layer + 1, attention_layer=layer, attention_rows="text", hidden_states=self.recycle,
                       compact_positions=True, embeddings=True) for layer in self.layers]
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        counts, n = [], num_image_tokens
+        for layer, keep in zip(self.layers, self.keep_table()):
+            kept = min(keep, n - 1)
+            n = kept + (recycled_clusters(n - kept) if self.recycle else 0)
+            counts.append((layer + 1, n))
+        return counts
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         attention = inputs.attention.mean(dim=1)  # [batch, Q, n]
@@ -95,7 +105,7 @@ class SparseVLM(PruningMethod):
         order = scores.argsort(dim=-1, descending=True)  # [batch, n]
         kept = order[:, :num_kept].sort(dim=-1).values
         deleted = n - num_kept
-        recycled = order[:, num_kept : num_kept + int(0.3 * deleted) + 1]  # [batch, m], best first
+        recycled = order[:, num_kept : num_kept + recycled_count(deleted)]  # [batch, m], best first
         hidden = inputs.hidden_states
         width = hidden.shape[-1]
         image = hidden.gather(1, inputs.image_positions[..., None].expand(-1, -1, width))  # [batch, n, hidden]
@@ -105,6 +115,16 @@ class SparseVLM(PruningMethod):
         replacement = torch.cat([kept_hidden, merged.to(hidden.dtype)], dim=1)
         slots = torch.arange(replacement.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         return Choice(kept=slots, replacement=replacement, scores=scores)
+
+
+def recycled_count(deleted: int) -> int:
+    """How many of the deleted tokens are clustered: ⌊0.3·|D|⌋ + 1."""
+    return int(0.3 * deleted) + 1
+
+
+def recycled_clusters(deleted: int) -> int:
+    """How many merged tokens recycling adds for `deleted` deleted tokens: ⌊m/10⌋ + 1."""
+    return recycled_count(deleted) // 10 + 1
 
 
 def dpc_knn_means(points: torch.Tensor, clusters: int, generator: torch.Generator) -> torch.Tensor:

@@ -30,6 +30,10 @@ class VisionZip(PruningMethod):
     name: ClassVar[str] = "visionzip"
     display_name: ClassVar[str] = "VisionZip"
     budget_parameter: ClassVar[str] = "dominant"
+    presets: ClassVar[dict[str, dict]] = {
+        "192": {"dominant": 162, "contextual": 30}, "128": {"dominant": 108, "contextual": 20},
+        "64": {"dominant": 54, "contextual": 10},
+    }
 
     dominant: int = 54
     contextual: int = 10
@@ -40,6 +44,9 @@ class VisionZip(PruningMethod):
 
     def stages(self, num_layers: int) -> list[Stage]:
         return [Stage(layer=0, vision=True, compact_positions=True)]
+
+    def kept_per_stage(self, num_layers: int, num_image_tokens: int) -> list[tuple[int, int]]:
+        return [(0, self.dominant + self.contextual)]
 
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         vision = inputs.vision
