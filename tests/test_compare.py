@@ -215,3 +215,26 @@ def test_plot_is_written(tmp_path, capsys):
         # Two panels of drawn content: the picture is far from a blank canvas.
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 200
+
+
+def imported_modules(module: str) -> set[str]:
+    """The package modules `fastv_advanced.<module>` imports (`from .x import`, `from . import x`, absolute)."""
+    import ast
+
+    import fastv_advanced
+
+    source = (Path(fastv_advanced.__file__).parent / f"{module}.py").read_text(encoding="utf-8")
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = (node.module or "").removeprefix("fastv_advanced.").lstrip(".")
+            found |= {base} if base else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.removeprefix("fastv_advanced.") for alias in node.names}
+    return found
+
+
+def test_compare_and_plotting_do_not_import_each_other():
+    assert "plotting" not in imported_modules("compare")
+    assert "compare" not in imported_modules("plotting")
+    assert "comparison_rows" in imported_modules("compare") & imported_modules("plotting")

@@ -1,4 +1,4 @@
-"""Comparing ScienceQA result files: the guide's table, speed-ups, paired significance, and a Pareto plot.
+"""Comparing ScienceQA result files: the guide's table, speed-ups and paired significance.
 
 Reporting only (no model code). It reads every `scienceqa_results_*.json` in a folder plus, for significance, the
 per-sample JSONL each one names (`samples_file`).
@@ -11,7 +11,8 @@ per-sample JSONL each one names (`samples_file`).
   significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval). `MixedRuns` when
   the runs used different question files (sha256) or models, unless `allow_mixed`.
 - `format_table` (the guide's layout), `format_markdown`, `format_csv`, `format_json`.
-- `plot_comparison(comparison, path)`: accuracy against FLOPs ratio and against prefill latency, the Pareto front.
+
+`Row`, `Comparison` and `pareto_front` live in `comparison_rows` (shared with `plotting`, which draws the plot).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row, pareto_front  # noqa: F401 (re-exported)
 from .statistics import bootstrap_delta_interval, mcnemar_exact
 
 RESULT_GLOB = "scienceqa_results_*.json"
 GUIDE_RANK, GUIDE_AGG_LAYER = 288, 2
 METHOD_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")
 BOOTSTRAP_RESAMPLES = 10000
-SIGNIFICANCE_LEVEL = 0.05
 TITLE = "FastV Advanced 结果比较"
 REQUIRED_KEYS = ("accuracy", "total_samples", "correct_samples", "model_config", "question_file", "latency",
                  "flops_info", "tokens")
@@ -202,60 +203,6 @@ def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[
 
 
 # -- the comparison -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the comparison (None = not available)."""
-
-    file: str
-    strategy: str
-    baseline: bool
-    method: str | None
-    alpha: float | None
-    rank: int | None
-    agg_layer: int | None
-    keep_ratio: float | None
-    accuracy: float
-    correct: int
-    samples: int
-    errors: int
-    delta: float | None
-    avg_latency_s: float | None
-    prefill_mean_s: float | None
-    prefill_speedup: float | None
-    generate_speedup: float | None
-    flops_ratio: float | None
-    image_tokens: float | None
-    kept_image_tokens: float | None
-    paired_samples: int | None = None
-    mcnemar_b: int | None = None  # questions only the baseline answers correctly
-    mcnemar_c: int | None = None  # questions only this run answers correctly
-    p_value: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    short_label: str = ""
-
-    @property
-    def significant(self) -> bool:
-        return self.p_value is not None and self.p_value < SIGNIFICANCE_LEVEL
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        del data["short_label"]
-        return data
-
-
-@dataclass
-class Comparison:
-    rows: list[Row]
-    results_dir: str
-    baseline: str | None
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    question_files: list[dict] = field(default_factory=list)
-    models: list[str] = field(default_factory=list)
-    standard_error: float | None = None  # of the baseline's accuracy (binomial), as a fraction
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -552,25 +499,3 @@ def format_json(comparison: Comparison) -> str:
 
 
 FORMATTERS = {"table": format_table, "markdown": format_markdown, "csv": format_csv, "json": format_json}
-
-
-# -- plot -----------------------------------------------------------------------------------------------------------
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats (cost <= and accuracy >=, one of them strictly), by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
-    """Two panels, accuracy against the FLOPs ratio and against the mean prefill latency: one labelled point per
-    configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
-    from . import plotting
-
-    return plotting.plot_comparison(comparison, Path(path))

@@ -1,14 +1,15 @@
 """The comparison plot (matplotlib, Agg backend): accuracy against cost, with the Pareto front.
 
-Used by `compare.plot_comparison`; needs the `plot` extra (`pip install 'fastv_advanced[plot]'`).
+Draws a `comparison_rows.Comparison` built by `compare.build_comparison`; needs the `plot` extra (`pip install 'fastv_advanced[plot]'`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from .compare import Comparison, Row, pareto_front
+from .comparison_rows import Comparison, Row, pareto_front
 
 METHOD_COLOURS = {
     "max_head": "#d62728",
@@ -45,7 +46,10 @@ def _standard_error(row: Row) -> float:
     return 100 * math.sqrt(row.accuracy * (1 - row.accuracy) / row.samples) if row.samples else 0.0
 
 
-def plot_comparison(comparison: Comparison, path: Path) -> Path:
+def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """Two panels, accuracy against the FLOPs ratio and against the mean prefill latency: one labelled point per
+    configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
+    path = Path(path)
     plt = _matplotlib()
     rows = comparison.rows
     others: dict[str, str] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import compare
+from .. import compare, plotting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     print(compare.FORMATTERS[args.format](comparison))
     if args.plot:
         try:
-            path = compare.plot_comparison(comparison, args.plot)
+            path = plotting.plot_comparison(comparison, args.plot)
         except (RuntimeError, OSError) as exc:
             print(f"error: cannot draw {args.plot}: {exc}", file=sys.stderr)
             return 1
