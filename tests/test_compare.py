@@ -238,3 +238,18 @@ def test_compare_and_plotting_do_not_import_each_other():
     assert "plotting" not in imported_modules("compare")
     assert "compare" not in imported_modules("plotting")
     assert "comparison_rows" in imported_modules("compare") & imported_modules("plotting")
+
+
+def has_cjk(text: str) -> bool:
+    return any(compare.display_width(ch) == 2 for ch in text)
+
+
+def test_notes_name_the_columns_as_the_chosen_format_heads_them(capsys):
+    _, markdown, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "markdown")
+    header, notes = markdown.splitlines()[0], markdown.split("\n\n", 1)[1]
+    assert not has_cjk(header) and not has_cjk(notes)
+    for english in ("Prefill speed-up", "FLOPs ratio", "Image tokens kept", "McNemar p", "Δ 95% CI"):
+        assert f"| {english} |" in header and f"{english}:" in notes
+    _, table, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    for chinese in ("预填充加速", "FLOPs比例", "图像token"):
+        assert chinese in table.splitlines()[4] and f"{chinese} (" in " ".join(table.split("\n")[14:])

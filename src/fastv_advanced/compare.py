@@ -395,8 +395,16 @@ def _pad(text: str, width: int) -> str:
     return text + " " * max(0, width - display_width(text))
 
 
-def explanation(comparison: Comparison) -> list[str]:
-    """What the columns mean and how to read the significance (printed under the table)."""
+def column_names(english: bool) -> dict[str, str]:
+    """Column key -> the name the notes use for it: the header of the chosen format (English for markdown; the
+    guide's Chinese header with its English name in brackets for the table)."""
+    return {key: english_name if english or chinese == english_name else f"{chinese} ({english_name})"
+            for key, chinese, english_name in COLUMNS}
+
+
+def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
+    """What the columns mean and how to read the significance (printed under the table), naming the columns as
+    `names` (from `column_names`) does."""
     if comparison.baseline is None:
         return []
     n = next(r.samples for r in comparison.rows if r.baseline)
@@ -407,9 +415,9 @@ def explanation(comparison: Comparison) -> list[str]:
         bound = 50 / math.sqrt(max(n, 1))  # sqrt(p(1-p)/n) at p = 1/2
         noise = f"With {n} questions one run's accuracy has a standard error of up to ±{bound:.1f} points"
     return [
-        "Δ: accuracy minus the Baseline's. 预填充加速 (prefill speed-up): the Baseline's mean prefill time (time to "
-        "first token) / this run's. FLOPs比例: theoretical decoder prefill FLOPs relative to the unpruned model. "
-        "图像token: image tokens kept / seen per image.",
+        f"Δ: accuracy minus the Baseline's. {names['speedup']}: the Baseline's mean prefill time (time to first "
+        f"token) / this run's. {names['flops']}: theoretical decoder prefill FLOPs relative to the unpruned model. "
+        f"{names['tokens']}: image tokens kept / seen per image.",
         "McNemar p: exact two-sided McNemar test on per-question correctness, paired with the Baseline by question "
         f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}.",
         f"{noise} (about ±1 point on all 2017 ScienceQA-IMG test questions): a difference with p >= "
@@ -445,7 +453,7 @@ def format_table(comparison: Comparison) -> str:
     for c in cells:
         lines.append("".join(_pad(c[key], widths[key]) for key, _, _ in COLUMNS).rstrip())
     lines.append("-" * rule)
-    for note in explanation(comparison) + comparison.notes:
+    for note in explanation(comparison, column_names(english=False)) + comparison.notes:
         lines += _wrap(note, rule)
     return "\n".join(lines)
 
@@ -458,7 +466,7 @@ def format_markdown(comparison: Comparison) -> str:
     for row in comparison.rows:
         cells = _cells(row, has_baseline)
         lines.append("| " + " | ".join(cells[k].replace("|", "\\|") for k in keys) + " |")
-    notes = explanation(comparison) + comparison.notes
+    notes = explanation(comparison, column_names(english=True)) + comparison.notes
     if notes:
         lines.append("")
         lines += [f"- {note}" for note in notes]
