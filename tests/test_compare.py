@@ -253,3 +253,17 @@ def test_notes_name_the_columns_as_the_chosen_format_heads_them(capsys):
     _, table, _ = run_cli(capsys, "--results-dir", FIXTURES)
     for chinese in ("预填充加速", "FLOPs比例", "图像token"):
         assert chinese in table.splitlines()[4] and f"{chinese} (" in " ".join(table.split("\n")[14:])
+
+
+def test_help_names_the_command_it_was_called_by_and_shows_plain_percent(capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit):
+        compare_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastv-compare ") and "95% interval" in out and "%%" not in out
+    guide_script = Path(__file__).resolve().parents[1] / "src" / "HiMAP" / "inference" / "compare_fastv_results.py"
+    out = subprocess.run([sys.executable, str(guide_script), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("usage: compare_fastv_results.py ") and "%%" not in out

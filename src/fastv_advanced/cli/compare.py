@@ -15,12 +15,13 @@ import sys
 from .. import compare, plotting
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
+    """The command line; `prog` is the name usage and errors show (the guide's script passes its own)."""
     parser = argparse.ArgumentParser(
-        prog="compare_fastv_results.py",
+        prog=prog,
         description="Compare the ScienceQA results (scienceqa_results_*.json) of a folder: accuracy with Δ vs. the "
         "baseline, average latency, prefill speed-up, FLOPs ratio, image tokens kept, samples, and per "
-        "configuration the exact McNemar p-value and a bootstrap 95%% interval of Δ (paired by question id, from "
+        "configuration the exact McNemar p-value and a bootstrap 95% interval of Δ (paired by question id, from "
         "the per-sample .jsonl files).",
     )
     parser.add_argument("--results-dir", default=".", help="folder with the result files (default: the current "
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "fastv-compare") -> int:
+    args = build_parser(prog).parse_args(argv)
     runs, warnings = compare.load_results(args.results_dir)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
