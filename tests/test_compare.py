@@ -267,3 +267,11 @@ def test_help_names_the_command_it_was_called_by_and_shows_plain_percent(capsys)
     out = subprocess.run([sys.executable, str(guide_script), "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("usage: compare_fastv_results.py ") and "%%" not in out
+
+
+def test_a_missing_or_file_results_dir_is_named_as_such(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "--results-dir", tmp_path / "nonexistent")
+    assert code == 2 and out == "" and "the folder does not exist" in err and "no result files" not in err
+    (tmp_path / "file.json").write_text("{}")
+    code, _, err = run_cli(capsys, "--results-dir", tmp_path / "file.json")
+    assert code == 2 and "is a file, not a folder" in err

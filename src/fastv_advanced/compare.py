@@ -184,6 +184,16 @@ def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
     return records, None
 
 
+def results_dir_problem(results_dir: str | os.PathLike) -> str | None:
+    """Why `--results-dir` cannot be searched for result files (None when it can)."""
+    path = Path(results_dir)
+    if not path.exists():
+        return f"--results-dir {results_dir}: the folder does not exist"
+    if not path.is_dir():
+        return f"--results-dir {results_dir} is a file, not a folder"
+    return None
+
+
 def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[str]]:
     """Every readable, complete `scienceqa_results_*.json` in `results_dir` with its per-sample correctness, and
     warnings naming what was skipped."""

@@ -37,6 +37,10 @@ def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "fastv-compare") -> int:
     args = build_parser(prog).parse_args(argv)
+    problem = compare.results_dir_problem(args.results_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     runs, warnings = compare.load_results(args.results_dir)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
