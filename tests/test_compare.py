@@ -275,3 +275,17 @@ def test_a_missing_or_file_results_dir_is_named_as_such(tmp_path, capsys):
     (tmp_path / "file.json").write_text("{}")
     code, _, err = run_cli(capsys, "--results-dir", tmp_path / "file.json")
     assert code == 2 and "is a file, not a folder" in err
+
+
+def test_output_closed_by_its_reader_ends_quietly():
+    """`fastv-compare --format json | head`: the reader is gone before anything is written."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastv_advanced.cli.compare", "--results-dir", str(FIXTURES), "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from .. import compare, plotting
+from .pipes import exit_quietly_on_broken_pipe
 
 
 def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
@@ -36,6 +37,11 @@ def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "fastv-compare") -> int:
+    """Exit status: 0, 1 (the plot cannot be drawn), 2 (nothing to compare, mixed runs), 141 (output closed)."""
+    return exit_quietly_on_broken_pipe(lambda: _compare(argv, prog))
+
+
+def _compare(argv: list[str] | None, prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     problem = compare.results_dir_problem(args.results_dir)
     if problem:
