@@ -289,3 +289,52 @@ def test_output_closed_by_its_reader_ends_quietly():
     process.stdout.close()
     err = process.stderr.read().decode()
     assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def edit_result(folder: Path, name: str, edit) -> None:
+    path = folder / f"scienceqa_results_{name}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_trustworthy_timings_get_no_warning(capsys):
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")
+    assert json.loads(out)["timing"] == {"speedup_from": "median prefill time (time to first token, warm-up excluded)",
+                                         "trustworthy": True, "problems": []}
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert "Timings not trustworthy" not in out
+
+
+def test_untrustworthy_timings_are_named_next_to_the_table_and_the_speedup_uses_medians(results, capsys):
+    edit_result(results, "fastv_max_head", lambda d: d["latency"].update(prefill_mean=0.5))  # median 0.125
+    edit_result(results, "fastv_avg_all_heads", lambda d: d.setdefault("environment", {}).update(busy_cores=1.0))
+    jsonl = results / "scienceqa_results_fastv_max_head_rank144_k2.jsonl"
+    lines = jsonl.read_text().splitlines()
+    spread = [lines[0]] + [json.dumps({**json.loads(line), "prefill_s": 0.05 * (i + 1)})
+                           for i, line in enumerate(lines[1:])]
+    jsonl.write_text("\n".join(spread) + "\n")  # 0.05 .. 0.5 s: interquartile range 0.275 s, median 0.275 s
+
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "json")
+    report = json.loads(out)
+    rows = {r["strategy"]: r for r in report["rows"]}
+    assert rows["FastV - max_head"]["prefill_speedup"] == pytest.approx(0.200 / 0.125)
+    assert rows["FastV - max_head"]["prefill_speedup_mean"] == pytest.approx(0.200 / 0.5)
+    assert rows["FastV - max_head (R=144, K=2)"]["prefill_spread"] == pytest.approx(1.0)
+    timing = report["timing"]
+    assert not timing["trustworthy"] and len(timing["problems"]) == 3
+    assert "FastV - max_head (4.00×)" in timing["problems"][0]
+    assert "FastV - max_head (R=144, K=2) (100%)" in timing["problems"][1]
+    assert "busy" in timing["problems"][2] and "FastV - avg_all_heads (1.0)" in timing["problems"][2]
+
+    _, out, _ = run_cli(capsys, "--results-dir", results)
+    lines = out.splitlines()
+    assert set(lines[13]) == {"-"} and lines[14].startswith("Timings not trustworthy: mean prefill far from")
+    assert "1.60x" in next(line for line in lines if line.startswith("FastV - max_head  "))
+
+
+def test_a_tiny_model_s_timings_are_flagged(results, capsys):
+    edit_result(results, "baseline", lambda d: d["latency"].update(prefill_median=0.02, prefill_mean=0.02))
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "markdown")
+    note = next(line for line in out.splitlines() if line.startswith("- Timings not trustworthy"))
+    assert "Baseline's median prefill is 20 ms, below 50 ms" in note and "Prefill speed-up compares median" in note

@@ -7,8 +7,9 @@ per-sample JSONL each one names (`samples_file`).
   left out with a warning that names them.
 - `build_comparison(runs, allow_mixed=False)` -> `Comparison`: one `Row` per run, the baseline first, then by
   method (the guide's order: max_head, avg_all_heads, weighted_combination, random, others by name), alpha, rank,
-  K. Against the baseline: Δ accuracy, prefill speed-up (baseline mean prefill / the run's), and the paired
-  significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval). `MixedRuns` when
+  K. Against the baseline: Δ accuracy, prefill speed-up (baseline median prefill / the run's), and the paired
+  significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval), and why the
+  timings are not trustworthy when they are not (`timing_problems`). `MixedRuns` when
   the runs used different question files (sha256) or models, unless `allow_mixed`.
 - `format_table` (the guide's layout), `format_markdown`, `format_csv`, `format_json`.
 
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import statistics
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,17 @@ GUIDE_RANK, GUIDE_AGG_LAYER = 288, 2
 METHOD_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")
 BOOTSTRAP_RESAMPLES = 10000
 TITLE = "FastV Advanced 结果比较"
+SAMPLE_FIELDS = ("correct", "prefill_s", "warmup")  # what the comparison reads of each per-sample record
 REQUIRED_KEYS = ("accuracy", "total_samples", "correct_samples", "model_config", "question_file", "latency",
                  "flops_info", "tokens")
+
+
+# When prefill times are not trustworthy (see `timing_problems`):
+TINY_PREFILL_S = 0.050  # a median below: fixed per-call overheads weigh as much as the work pruning removes
+MEAN_MEDIAN_LIMIT = 1.25  # mean / median prefill above this (or below its inverse): a few samples far off
+SPREAD_LIMIT = 0.25  # interquartile range / median of the per-sample prefill times above this
+BUSY_CORES_LIMIT = 0.5  # cores kept busy by other processes (the result's `environment.busy_cores`)
+MIN_SPREAD_SAMPLES = 5
 
 
 class MixedRuns(ValueError):
@@ -47,11 +58,24 @@ class MixedRuns(ValueError):
 
 @dataclass
 class Run:
-    """One result file, and the per-question correctness of its JSONL (None when that cannot be read)."""
+    """One result file, and the per-question records of its JSONL that the comparison reads (None when they cannot
+    be read): question id -> the `SAMPLE_FIELDS` of its record."""
 
     path: Path
     data: dict
-    correct: dict[str, bool] | None = None
+    samples: dict[str, dict] | None = None
+
+    @property
+    def correct(self) -> dict[str, bool] | None:
+        """Question id -> answered correctly."""
+        return None if self.samples is None else {qid: bool(r.get("correct")) for qid, r in self.samples.items()}
+
+    @property
+    def prefill_times(self) -> list[float] | None:
+        """Per-sample prefill seconds of the timed samples (the warm-up sample excluded)."""
+        if self.samples is None:
+            return None
+        return [r["prefill_s"] for r in self.samples.values() if not r.get("warmup") and _is_number(r.get("prefill_s"))]
 
     @property
     def config(self) -> dict:
@@ -148,8 +172,9 @@ def read_result(path: Path) -> tuple[Run | None, str | None]:
     return Run(path, data), None
 
 
-def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
-    """Per-question correctness (question id -> correct) of the run's JSONL, limited to the run's selection."""
+def read_samples(run: Run, fields: tuple[str, ...] | None = SAMPLE_FIELDS) -> tuple[dict[str, dict] | None, str | None]:
+    """The run's per-sample JSONL records by question id, limited to the run's selection and to `fields` (None =
+    every field); (None, reason) when the file cannot be read or belongs to another run."""
     name = run.data.get("samples_file") or run.path.with_suffix(".jsonl").name
     path = run.path.parent / name
     try:
@@ -170,7 +195,7 @@ def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
                 return None, f"per-sample file {path} has no header line"
             header = item
         elif isinstance(item, dict) and "id" in item:
-            records[str(item["id"])] = bool(item.get("correct"))
+            records[str(item["id"])] = item if fields is None else {k: item[k] for k in fields if k in item}
     if header is None:
         return None, f"per-sample file {path} is empty"
     if run.data.get("fingerprint") and header.get("fingerprint") != run.data.get("fingerprint"):
@@ -205,7 +230,7 @@ def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[
         if run is None:
             warnings.append(f"skipping {path}: it {problem}")
             continue
-        run.correct, problem = read_correctness(run)
+        run.samples, problem = read_samples(run)
         if problem:
             warnings.append(f"{problem}: significance of {path.name} is n/a")
         runs.append(run)
@@ -291,7 +316,48 @@ def build_comparison(runs: list[Run], *, allow_mixed: bool = False, results_dir:
     if baseline is not None and baseline.data["total_samples"]:
         p, n = baseline.data["accuracy"], baseline.data["total_samples"]
         comparison.standard_error = math.sqrt(p * (1 - p) / n)
+    comparison.timing_problems = timing_problems(rows)
     return comparison
+
+
+def prefill_spread(times: list[float] | None) -> float | None:
+    """Interquartile range / median of per-sample prefill times (None for fewer than `MIN_SPREAD_SAMPLES`)."""
+    if not times or len(times) < MIN_SPREAD_SAMPLES:
+        return None
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / median if median > 0 else None
+
+
+def _some(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def timing_problems(rows: list[Row]) -> list[str]:
+    """Why the prefill times cannot be taken at face value, one phrase per reason (empty when none): a tiny model
+    (the baseline's median below `TINY_PREFILL_S`), mean far from median, a wide spread, a busy CPU."""
+    timed = [r for r in rows if r.prefill_median_s is not None]
+    if not timed:
+        return []
+    problems = []
+    reference = next((r for r in timed if r.baseline), None) or max(timed, key=lambda r: r.prefill_median_s)
+    if reference.prefill_median_s < TINY_PREFILL_S:
+        problems.append(f"{reference.strategy}'s median prefill is {1000 * reference.prefill_median_s:.0f} ms, below "
+                        f"{1000 * TINY_PREFILL_S:.0f} ms: on so small a model fixed per-call overheads weigh as much "
+                        "as the work pruning removes, so its speed-ups say nothing about a full-size model")
+    gaps = [f"{r.strategy} ({r.prefill_mean_s / r.prefill_median_s:.2f}×)" for r in timed
+            if _is_number(r.prefill_mean_s) and r.prefill_median_s > 0
+            and not 1 / MEAN_MEDIAN_LIMIT <= r.prefill_mean_s / r.prefill_median_s <= MEAN_MEDIAN_LIMIT]
+    if gaps:
+        problems.append("mean prefill far from the median in " + _some(gaps))
+    spreads = [f"{r.strategy} ({100 * r.prefill_spread:.0f}%)" for r in timed
+               if r.prefill_spread is not None and r.prefill_spread > SPREAD_LIMIT]
+    if spreads:
+        problems.append("per-sample prefill times spread widely (interquartile range / median) in " + _some(spreads))
+    busy = [f"{r.strategy} ({r.busy_cores:.1f})" for r in rows
+            if _is_number(r.busy_cores) and r.busy_cores >= BUSY_CORES_LIMIT]
+    if busy:
+        problems.append("other processes kept cores busy (cores) during " + _some(busy))
+    return problems
 
 
 def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
@@ -301,14 +367,17 @@ def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
         rank=run.rank, agg_layer=run.agg_layer, keep_ratio=run.keep_ratio, accuracy=float(data["accuracy"]),
         correct=int(data["correct_samples"]), samples=int(data["total_samples"]), errors=int(data.get("errors") or 0),
         delta=None, avg_latency_s=data.get("avg_latency"), prefill_mean_s=latency.get("prefill_mean"),
-        prefill_speedup=None, generate_speedup=None, flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"),
-        image_tokens=tokens.get("avg_image_tokens"), kept_image_tokens=tokens.get("avg_kept_image_tokens"),
-        short_label=run.short_label,
+        prefill_median_s=latency.get("prefill_median"), prefill_spread=prefill_spread(run.prefill_times),
+        prefill_speedup=None, prefill_speedup_mean=None, generate_speedup=None,
+        flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"), image_tokens=tokens.get("avg_image_tokens"),
+        kept_image_tokens=tokens.get("avg_kept_image_tokens"),
+        busy_cores=(data.get("environment") or {}).get("busy_cores"), short_label=run.short_label,
     )
     if baseline is None:
         return row
     base_latency = baseline.data.get("latency") or {}
-    row.prefill_speedup = _ratio(base_latency.get("prefill_mean"), row.prefill_mean_s)
+    row.prefill_speedup_mean = _ratio(base_latency.get("prefill_mean"), row.prefill_mean_s)
+    row.prefill_speedup = _ratio(base_latency.get("prefill_median"), row.prefill_median_s) or row.prefill_speedup_mean
     row.generate_speedup = _ratio(base_latency.get("generate_mean"), latency.get("generate_mean"))
     if run.question_sha != baseline.question_sha:
         notes.append(f"{row.strategy}: another question set than the baseline, Δ and significance are n/a")
@@ -371,7 +440,7 @@ def _cells(row: Row, has_baseline: bool) -> dict[str, str]:
         "accuracy": accuracy,
         "delta": dash if row.baseline else _fmt(row.delta, "+.4f"),
         "latency": _fmt(row.avg_latency_s, ".6f"),
-        "prefill": _fmt(row.prefill_mean_s, ".6f"),
+        "prefill": _fmt(row.prefill_median_s, ".6f"),
         "speedup": NA if row.prefill_speedup is None else f"{row.prefill_speedup:.2f}x",
         "flops": NA if row.flops_ratio is None else f"{100 * row.flops_ratio:.2f}%",
         "tokens": _fmt_tokens(row),
@@ -386,7 +455,7 @@ COLUMNS = (
     ("strategy", "策略", "Strategy"),
     ("accuracy", "准确率 (Δ)", "Accuracy (Δ)"),
     ("latency", "平均延迟(s)", "Avg latency (s)"),
-    ("prefill", "预填充(s)", "Prefill (s)"),
+    ("prefill", "预填充(s)", "Prefill median (s)"),
     ("speedup", "预填充加速", "Prefill speed-up"),
     ("flops", "FLOPs比例", "FLOPs ratio"),
     ("tokens", "图像token", "Image tokens kept"),
@@ -425,8 +494,9 @@ def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
         bound = 50 / math.sqrt(max(n, 1))  # sqrt(p(1-p)/n) at p = 1/2
         noise = f"With {n} questions one run's accuracy has a standard error of up to ±{bound:.1f} points"
     return [
-        f"Δ: accuracy minus the Baseline's. {names['speedup']}: the Baseline's mean prefill time (time to first "
-        f"token) / this run's. {names['flops']}: theoretical decoder prefill FLOPs relative to the unpruned model. "
+        f"Δ: accuracy minus the Baseline's. {names['prefill']}: median prefill time per sample (time to first token; "
+        f"the warm-up sample excluded). {names['speedup']}: the Baseline's median prefill time / this run's. "
+        f"{names['flops']}: theoretical decoder prefill FLOPs relative to the unpruned model. "
         f"{names['tokens']}: image tokens kept / seen per image.",
         "McNemar p: exact two-sided McNemar test on per-question correctness, paired with the Baseline by question "
         f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}.",
@@ -434,6 +504,22 @@ def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
         f"{SIGNIFICANCE_LEVEL} cannot be told apart from noise (with few questions the bootstrap CI is too narrow: "
         "go by p).",
     ]
+
+
+def timing_note(comparison: Comparison, names: dict[str, str]) -> list[str]:
+    """One line saying why the timings are not trustworthy, or nothing when no reason was found."""
+    if not comparison.timing_problems:
+        return []
+    return [f"Timings not trustworthy: {'; '.join(comparison.timing_problems)}. {names['speedup']} compares median "
+            "prefill times, which a few slow samples do not move; measure speed on a quiet machine (one torch thread "
+            "on a shared CPU) and a full-size model."]
+
+
+def notes(comparison: Comparison, english: bool) -> list[str]:
+    """The lines under the table: timing warning first (next to the numbers), then the explanation, then the
+    comparison's own notes."""
+    names = column_names(english)
+    return timing_note(comparison, names) + explanation(comparison, names) + comparison.notes
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -463,7 +549,7 @@ def format_table(comparison: Comparison) -> str:
     for c in cells:
         lines.append("".join(_pad(c[key], widths[key]) for key, _, _ in COLUMNS).rstrip())
     lines.append("-" * rule)
-    for note in explanation(comparison, column_names(english=False)) + comparison.notes:
+    for note in notes(comparison, english=False):
         lines += _wrap(note, rule)
     return "\n".join(lines)
 
@@ -476,16 +562,16 @@ def format_markdown(comparison: Comparison) -> str:
     for row in comparison.rows:
         cells = _cells(row, has_baseline)
         lines.append("| " + " | ".join(cells[k].replace("|", "\\|") for k in keys) + " |")
-    notes = explanation(comparison, column_names(english=True)) + comparison.notes
-    if notes:
-        lines.append("")
-        lines += [f"- {note}" for note in notes]
+    below = notes(comparison, english=True)
+    if below:
+        lines += [""] + [f"- {note}" for note in below]
     return "\n".join(lines)
 
 
 CSV_FIELDS = ("file", "strategy", "method", "alpha", "rank", "agg_layer", "keep_ratio", "accuracy", "correct",
-              "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_speedup", "generate_speedup",
-              "flops_ratio", "image_tokens", "kept_image_tokens", "paired_samples", "mcnemar_b", "mcnemar_c",
+              "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_median_s", "prefill_spread",
+              "prefill_speedup", "prefill_speedup_mean", "generate_speedup", "flops_ratio", "image_tokens",
+              "kept_image_tokens", "busy_cores", "paired_samples", "mcnemar_b", "mcnemar_c",
               "p_value", "ci_low", "ci_high", "baseline")
 
 
@@ -510,6 +596,8 @@ def format_json(comparison: Comparison) -> str:
         "significance": {"test": "exact two-sided McNemar on paired per-question correctness",
                          "interval": f"paired percentile bootstrap of Δ, {BOOTSTRAP_RESAMPLES} resamples, seed 0",
                          "level": SIGNIFICANCE_LEVEL},
+        "timing": {"speedup_from": "median prefill time (time to first token, warm-up excluded)",
+                   "trustworthy": not comparison.timing_problems, "problems": comparison.timing_problems},
         "rows": [row.to_dict() for row in comparison.rows],
         "notes": comparison.notes,
         "warnings": comparison.warnings,

@@ -32,11 +32,15 @@ class Row:
     delta: float | None
     avg_latency_s: float | None
     prefill_mean_s: float | None
-    prefill_speedup: float | None
+    prefill_median_s: float | None
+    prefill_spread: float | None  # interquartile range / median of the per-sample prefill times
+    prefill_speedup: float | None  # from median prefill times (from means when a file has no median)
+    prefill_speedup_mean: float | None
     generate_speedup: float | None
     flops_ratio: float | None
     image_tokens: float | None
     kept_image_tokens: float | None
+    busy_cores: float | None  # cores other processes kept busy, when the result file records it
     paired_samples: int | None = None
     mcnemar_b: int | None = None  # questions only the baseline answers correctly
     mcnemar_c: int | None = None  # questions only this run answers correctly
@@ -65,6 +69,7 @@ class Comparison:
     question_files: list[dict] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     standard_error: float | None = None  # of the baseline's accuracy (binomial), as a fraction
+    timing_problems: list[str] = field(default_factory=list)  # why the prefill times are not trustworthy
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -47,7 +47,7 @@ def _standard_error(row: Row) -> float:
 
 
 def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
-    """Two panels, accuracy against the FLOPs ratio and against the mean prefill latency: one labelled point per
+    """Two panels, accuracy against the FLOPs ratio and against the median prefill latency: one labelled point per
     configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
     path = Path(path)
     plt = _matplotlib()
@@ -59,7 +59,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
     panels = (
         (axes[0], [None if r.flops_ratio is None else 100 * r.flops_ratio for r in rows],
          "Prefill FLOPs (% of the unpruned model)", "Accuracy vs. FLOPs"),
-        (axes[1], [r.prefill_mean_s for r in rows], "Mean prefill latency, time to first token (s)",
+        (axes[1], [r.prefill_median_s for r in rows], "Median prefill latency, time to first token (s)",
          "Accuracy vs. prefill latency"),
     )
     for ax, xs, xlabel, title in panels:
