@@ -338,3 +338,18 @@ def test_a_tiny_model_s_timings_are_flagged(results, capsys):
     _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "markdown")
     note = next(line for line in out.splitlines() if line.startswith("- Timings not trustworthy"))
     assert "Baseline's median prefill is 20 ms, below 50 ms" in note and "Prefill speed-up compares median" in note
+
+
+def test_results_of_the_embedded_model_say_what_its_numbers_mean(results, capsys):
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert "Embedded toy model" not in out
+    for name in ("baseline", "fastv_max_head"):  # from another checkout: recognised by the folder names
+        edit_result(results, name, lambda d: d["model_config"].update(
+            model_path="/elsewhere/checkout/models/tiny-llava-scienceqa"))
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed")
+    lines = out.splitlines()
+    assert set(lines[13]) == {"-"} and lines[14].startswith("Embedded toy model (models/tiny-llava-scienceqa): ")
+    assert "lose to random" in " ".join(lines) and "not LLaVA (docs/embedded_demo.md)" in " ".join(lines)
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed", "--format", "json")
+    report = json.loads(out)
+    assert report["embedded_model"] and report["notes"][0] == compare.EMBEDDED_NOTE

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row, pareto_front  # noqa: F401 (re-exported)
+from .embedded import MODEL_PATH as EMBEDDED_MODEL_PATH
 from .statistics import bootstrap_delta_interval, mcnemar_exact
 
 RESULT_GLOB = "scienceqa_results_*.json"
@@ -47,6 +48,13 @@ MEAN_MEDIAN_LIMIT = 1.25  # mean / median prefill above this (or below its inver
 SPREAD_LIMIT = 0.25  # interquartile range / median of the per-sample prefill times above this
 BUSY_CORES_LIMIT = 0.5  # cores kept busy by other processes (the result's `environment.busy_cores`)
 MIN_SPREAD_SAMPLES = 5
+
+
+EMBEDDED_NOTE = (
+    "Embedded toy model (models/tiny-llava-scienceqa): trained so that its layers 0-1 read another question's "
+    "picture, the early-layer attention FastV scores says little about this picture and the attention-based "
+    "strategies lose to random; these numbers check the tools, not LLaVA (docs/embedded_demo.md)."
+)
 
 
 class MixedRuns(ValueError):
@@ -104,6 +112,11 @@ class Run:
     @property
     def agg_layer(self) -> int | None:
         return None if self.is_baseline else self.config.get("fast_v_agg_layer")
+
+    @property
+    def is_embedded_model(self) -> bool:
+        """Run on the embedded toy model, from this checkout or any other (the path ends in models/<its name>)."""
+        return Path(self.config.get("model_path") or "").parts[-2:] == EMBEDDED_MODEL_PATH.parts[-2:]
 
     @property
     def question_sha(self) -> str | None:
@@ -317,6 +330,7 @@ def build_comparison(runs: list[Run], *, allow_mixed: bool = False, results_dir:
         p, n = baseline.data["accuracy"], baseline.data["total_samples"]
         comparison.standard_error = math.sqrt(p * (1 - p) / n)
     comparison.timing_problems = timing_problems(rows)
+    comparison.embedded_model = any(run.is_embedded_model for run in runs)
     return comparison
 
 
@@ -516,10 +530,15 @@ def timing_note(comparison: Comparison, names: dict[str, str]) -> list[str]:
 
 
 def notes(comparison: Comparison, english: bool) -> list[str]:
-    """The lines under the table: timing warning first (next to the numbers), then the explanation, then the
-    comparison's own notes."""
+    """The lines under the table: what the embedded model's numbers mean and the timing warning first (next to the
+    numbers), then the explanation, then the comparison's own notes."""
     names = column_names(english)
-    return timing_note(comparison, names) + explanation(comparison, names) + comparison.notes
+    return model_notes(comparison) + timing_note(comparison, names) + explanation(comparison, names) + comparison.notes
+
+
+def model_notes(comparison: Comparison) -> list[str]:
+    """What the numbers of the model at hand mean (the embedded toy's), printed first under the table."""
+    return [EMBEDDED_NOTE] if comparison.embedded_model else []
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -599,7 +618,8 @@ def format_json(comparison: Comparison) -> str:
         "timing": {"speedup_from": "median prefill time (time to first token, warm-up excluded)",
                    "trustworthy": not comparison.timing_problems, "problems": comparison.timing_problems},
         "rows": [row.to_dict() for row in comparison.rows],
-        "notes": comparison.notes,
+        "embedded_model": comparison.embedded_model,
+        "notes": model_notes(comparison) + comparison.notes,
         "warnings": comparison.warnings,
     }, indent=2, ensure_ascii=False)
 

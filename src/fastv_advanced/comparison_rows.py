@@ -70,6 +70,7 @@ class Comparison:
     models: list[str] = field(default_factory=list)
     standard_error: float | None = None  # of the baseline's accuracy (binomial), as a fraction
     timing_problems: list[str] = field(default_factory=list)  # why the prefill times are not trustworthy
+    embedded_model: bool = False  # some results come from the embedded toy model (models/tiny-llava-scienceqa)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
