@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,32 @@ def test_results_of_the_embedded_model_say_what_its_numbers_mean(results, capsys
     _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed", "--format", "json")
     report = json.loads(out)
     assert report["embedded_model"] and report["notes"][0] == compare.EMBEDDED_NOTE
+
+
+def test_narrow_width_splits_the_columns_into_blocks_and_loses_nothing(capsys):
+    _, full, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    _, narrow, _ = run_cli(capsys, "--results-dir", FIXTURES, "--width", "80")
+    lines = narrow.splitlines()
+    assert max(compare.display_width(line) for line in lines) <= 80 < max(map(compare.display_width, full.splitlines()))
+    headers = [line for line in lines if line.startswith("策略")]
+    assert len(headers) >= 2
+    for _, chinese, _ in compare.COLUMNS:  # every column, the guide's and the others, in some block
+        assert sum(chinese in header for header in headers) == (len(headers) if chinese == "策略" else 1)
+    rows = json.loads(run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")[1])["rows"]
+    for row in rows:  # each value of each row appears on a line that starts with the row's short label
+        label = "Baseline" if row["baseline"] else row["strategy"].removeprefix("FastV - ").replace(" (", " ") \
+            .replace(", ", " ").rstrip(")")
+        shown = " ".join(line for line in lines if line.startswith(label + "  "))
+        assert f"{row['accuracy']:.4f}" in shown and f"{row['avg_latency_s']:.6f}" in shown
+        assert f"{100 * row['flops_ratio']:.2f}%" in shown and f" {row['samples']} " in shown
+        assert row["baseline"] or f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]" in shown
+
+
+def test_the_table_fits_a_terminal_and_stays_whole_in_a_pipe(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    _, piped, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert piped == run_cli(capsys, "--results-dir", FIXTURES, "--width", "0")[1]
+    assert len([line for line in piped.splitlines() if line.startswith("策略")]) == 1
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _, terminal, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert terminal != piped and terminal == run_cli(capsys, "--results-dir", FIXTURES, "--width", "80")[1]

@@ -554,20 +554,47 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [current] if current else lines
 
 
-def format_table(comparison: Comparison) -> str:
-    """The guide's layout: a title between '=' rules, a header, the rows between '-' rules, then the notes."""
+def _column_widths(cells: list[dict[str, str]]) -> dict[str, int]:
+    """Column key -> terminal columns it takes (its widest cell or header, plus two spaces)."""
+    return {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
+            for key, header, _ in COLUMNS}
+
+
+def _column_blocks(widths: dict[str, int], width: int | None) -> list[list[str]]:
+    """The column keys in blocks that each fit `width` (None: one block), each block led by the strategy column;
+    the other columns keep their order and are never split. A line ends without its last column's two spaces."""
+    if width is None:
+        return [[key for key, _, _ in COLUMNS]]
+    blocks: list[list[str]] = []
+    for key, _, _ in COLUMNS[1:]:
+        if not blocks or sum(widths[k] for k in blocks[-1]) + widths[key] - 2 > width:
+            blocks.append(["strategy"])
+        blocks[-1].append(key)
+    return blocks
+
+
+def format_table(comparison: Comparison, width: int | None = None) -> str:
+    """The guide's layout: a title between '=' rules, a header, the rows between '-' rules, then the notes.
+
+    width: terminal columns to fit (None: no limit). When the table is wider, the strategies get their short labels
+    and the columns are split into blocks one under the other, each repeating the strategy column; nothing is left
+    out."""
     has_baseline = comparison.baseline is not None
     cells = [_cells(row, has_baseline) for row in comparison.rows]
-    widths = {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
-              for key, header, _ in COLUMNS}
-    total = sum(widths.values())
-    rule = max(total, 100)
-    lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule, ""]
-    lines.append("".join(_pad(header, widths[key]) for key, header, _ in COLUMNS).rstrip())
-    lines.append("-" * rule)
-    for c in cells:
-        lines.append("".join(_pad(c[key], widths[key]) for key, _, _ in COLUMNS).rstrip())
-    lines.append("-" * rule)
+    widths = _column_widths(cells)
+    if width is not None and sum(widths.values()) - 2 <= width:
+        width = None
+    if width is not None:
+        for c, row in zip(cells, comparison.rows):
+            c["strategy"] = row.short_label
+        widths = _column_widths(cells)
+    rule = max(sum(widths.values()), 100) if width is None else width
+    headers = {key: header for key, header, _ in COLUMNS}
+    lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule]
+    for block in _column_blocks(widths, width):
+        lines += ["", "".join(_pad(headers[key], widths[key]) for key in block).rstrip(), "-" * rule]
+        lines += ["".join(_pad(c[key], widths[key]) for key in block).rstrip() for c in cells]
+        lines.append("-" * rule)
     for note in notes(comparison, english=False):
         lines += _wrap(note, rule)
     return "\n".join(lines)

@@ -10,6 +10,7 @@ Exit status 2 when there is nothing to compare or the runs are on different ques
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
 from .. import compare, plotting
@@ -29,11 +30,21 @@ def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
                         "directory)")
     parser.add_argument("--format", choices=sorted(compare.FORMATTERS), default="table",
                         help="output written to standard output (default: table, the guide's layout)")
+    parser.add_argument("--width", type=int, metavar="COLUMNS", default=None, help="fit the table into this many "
+                        "terminal columns, splitting its columns into blocks one under the other (default: the "
+                        "terminal's width when writing to a terminal, no limit otherwise; 0 = no limit)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw accuracy against the FLOPs ratio "
                         "and against prefill latency (two panels, Pareto front) into this image")
     parser.add_argument("--allow-mixed", action="store_true", help="compare runs on different question files or "
                         "models anyway (refused by default)")
     return parser
+
+
+def table_width(width: int | None) -> int | None:
+    """--width, or the terminal's width when standard output is a terminal (pipes and files keep the full table)."""
+    if width is None:
+        return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    return width or None
 
 
 def main(argv: list[str] | None = None, prog: str = "fastv-compare") -> int:
@@ -63,7 +74,10 @@ def _compare(argv: list[str] | None, prog: str) -> int:
         return 2
     for warning in comparison.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(compare.FORMATTERS[args.format](comparison))
+    if args.format == "table":
+        print(compare.format_table(comparison, width=table_width(args.width)))
+    else:
+        print(compare.FORMATTERS[args.format](comparison))
     if args.plot:
         try:
             path = plotting.plot_comparison(comparison, args.plot)
