@@ -21,12 +21,13 @@ LABEL_BOX = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none",
 OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
 
 
-def _matplotlib():
+def pyplot(purpose: str = "--plot"):
+    """matplotlib.pyplot on the Agg backend; `RuntimeError` naming `purpose` and the install command without it."""
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'fastv_advanced[plot]' (or pip install matplotlib)") \
-            from exc
+        raise RuntimeError(f"{purpose} needs matplotlib: pip install 'fastv_advanced[plot]' (or pip install "
+                           "matplotlib)") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -50,7 +51,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
     """Two panels, accuracy against the FLOPs ratio and against the median prefill latency: one labelled point per
     configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
     path = Path(path)
-    plt = _matplotlib()
+    plt = pyplot()
     rows = comparison.rows
     others: dict[str, str] = {}
     colours = [_colour(row, others) for row in rows]
