@@ -85,9 +85,11 @@ def test_keep_counts_match_an_independent_count(results):
 
 def test_both_pictures_are_drawn_with_the_documented_size(results, tmp_path, capsys):
     kept, frequency = tmp_path / "out" / "kept.png", tmp_path / "out" / "frequency.png"
+    (results / "scienceqa_results_torn.json").write_text('{"accuracy": 0.5, "total_')
     code, out, err = run_cli(capsys, "--results-dir", results, "--question-id", "1", "3", "--output", kept,
                              "--frequency-output", frequency)
     assert code == 0, err
+    assert "warning: skipping" in err and "scienceqa_results_torn.json: it is not valid JSON" in err
     assert f"written to {kept}" in out and f"written to {frequency}" in out
     v = visualize
     columns, blocks = 3, 2  # each question block: the kept row and, for `random`'s scores, a score row

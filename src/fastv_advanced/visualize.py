@@ -70,15 +70,12 @@ def load_configurations(results_dir: str | os.PathLike) -> tuple[list[Configurat
     if problem:
         raise VisualizeError(problem)
     configurations, warnings = [], []
-    for path in sorted(Path(results_dir).glob(compare.RESULT_GLOB)):
-        run, problem = compare.read_result(path) if path.is_file() else (None, "is not a file")
-        records = None
-        if run is not None:
-            records, problem = compare.read_samples(run, RECORD_FIELDS)
-        if records is None:
-            warnings.append(f"skipping {path}: {'it ' if run is None else ''}{problem}")
-            continue
-        configurations.append(Configuration(run, records))
+    for path in sorted(p for p in Path(results_dir).glob(compare.RESULT_GLOB) if p.is_file()):
+        configuration, problem = read_configuration(path)
+        if configuration is None:
+            warnings.append(f"skipping {path}: {problem}")
+        else:
+            configurations.append(configuration)
     if not configurations:
         raise VisualizeError(f"no result files ({compare.RESULT_GLOB}) with readable per-sample files in "
                              f"--results-dir {results_dir}")
@@ -86,6 +83,15 @@ def load_configurations(results_dir: str | os.PathLike) -> tuple[list[Configurat
         raise VisualizeError(f"the results in --results-dir {results_dir} are on different question sets; draw one "
                              "run's folder at a time")
     return sorted(configurations, key=lambda c: c.run.sort_key()), warnings
+
+
+def read_configuration(path: Path) -> tuple[Configuration | None, str | None]:
+    """(configuration, None) for a complete result file with readable records, else (None, why not)."""
+    run, problem = compare.read_result(path)
+    if run is None:
+        return None, f"it {problem}"
+    records, problem = compare.read_samples(run, RECORD_FIELDS)
+    return (None, problem) if records is None else (Configuration(run, records), None)
 
 
 def grid_side(num_image_tokens: int, where: str) -> int:
