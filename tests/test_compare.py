@@ -383,3 +383,12 @@ def test_the_table_fits_a_terminal_and_stays_whole_in_a_pipe(capsys, monkeypatch
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     _, terminal, _ = run_cli(capsys, "--results-dir", FIXTURES)
     assert terminal != piped and terminal == run_cli(capsys, "--results-dir", FIXTURES, "--width", "80")[1]
+
+
+def test_configurations_of_the_same_flops_far_apart_in_time_are_flagged(results, capsys):
+    edit_result(results, "fastv_weighted_combination_alpha0.5", lambda d: d["latency"].update(
+        prefill_median=0.2, prefill_mean=0.2))  # the others of FLOPs 0.6017 take 0.125-0.130 s
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "json")
+    assert json.loads(out)["timing"]["problems"] == [
+        "configurations of the same FLOPs far apart in median prefill, so the machine's speed changed between them: "
+        "FastV - weighted α=0.5 vs FastV - max_head (1.60×)"]

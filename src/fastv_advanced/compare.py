@@ -44,7 +44,8 @@ REQUIRED_KEYS = ("accuracy", "total_samples", "correct_samples", "model_config",
 
 # When prefill times are not trustworthy (see `timing_problems`):
 TINY_PREFILL_S = 0.050  # a median below: fixed per-call overheads weigh as much as the work pruning removes
-MEAN_MEDIAN_LIMIT = 1.25  # mean / median prefill above this (or below its inverse): a few samples far off
+MEAN_MEDIAN_LIMIT = 1.25  # mean / median prefill above this (or below its inverse): a few samples far off; also
+# the largest ratio of median prefills between configurations of the same FLOPs
 SPREAD_LIMIT = 0.25  # interquartile range / median of the per-sample prefill times above this
 BUSY_CORES_LIMIT = 0.5  # cores kept busy by other processes (the result's `environment.busy_cores`)
 MIN_SPREAD_SAMPLES = 5
@@ -347,31 +348,57 @@ def _some(items: list[str], limit: int = 4) -> str:
 
 
 def timing_problems(rows: list[Row]) -> list[str]:
-    """Why the prefill times cannot be taken at face value, one phrase per reason (empty when none): a tiny model
-    (the baseline's median below `TINY_PREFILL_S`), mean far from median, a wide spread, a busy CPU."""
-    timed = [r for r in rows if r.prefill_median_s is not None]
-    if not timed:
-        return []
-    problems = []
+    """Why the prefill times cannot be taken at face value, one phrase per reason (empty when none): a tiny model,
+    mean far from median, a wide spread, configurations of the same FLOPs far apart, a busy CPU recorded."""
+    timed = [r for r in rows if r.prefill_median_s is not None and r.prefill_median_s > 0]
+    checks = (_tiny_model, _mean_far_from_median, _wide_spread, _same_cost_apart, _busy_cpu)
+    return [problem for check in checks if timed and (problem := check(timed))]
+
+
+def _tiny_model(timed: list[Row]) -> str | None:
     reference = next((r for r in timed if r.baseline), None) or max(timed, key=lambda r: r.prefill_median_s)
-    if reference.prefill_median_s < TINY_PREFILL_S:
-        problems.append(f"{reference.strategy}'s median prefill is {1000 * reference.prefill_median_s:.0f} ms, below "
-                        f"{1000 * TINY_PREFILL_S:.0f} ms: on so small a model fixed per-call overheads weigh as much "
-                        "as the work pruning removes, so its speed-ups say nothing about a full-size model")
+    if reference.prefill_median_s >= TINY_PREFILL_S:
+        return None
+    return (f"{reference.strategy}'s median prefill is {1000 * reference.prefill_median_s:.0f} ms, below "
+            f"{1000 * TINY_PREFILL_S:.0f} ms: on so small a model fixed per-call overheads weigh as much as the work "
+            "pruning removes, so its speed-ups say nothing about a full-size model")
+
+
+def _mean_far_from_median(timed: list[Row]) -> str | None:
     gaps = [f"{r.strategy} ({r.prefill_mean_s / r.prefill_median_s:.2f}×)" for r in timed
-            if _is_number(r.prefill_mean_s) and r.prefill_median_s > 0
+            if _is_number(r.prefill_mean_s)
             and not 1 / MEAN_MEDIAN_LIMIT <= r.prefill_mean_s / r.prefill_median_s <= MEAN_MEDIAN_LIMIT]
-    if gaps:
-        problems.append("mean prefill far from the median in " + _some(gaps))
+    return "mean prefill far from the median in " + _some(gaps) if gaps else None
+
+
+def _wide_spread(timed: list[Row]) -> str | None:
     spreads = [f"{r.strategy} ({100 * r.prefill_spread:.0f}%)" for r in timed
                if r.prefill_spread is not None and r.prefill_spread > SPREAD_LIMIT]
-    if spreads:
-        problems.append("per-sample prefill times spread widely (interquartile range / median) in " + _some(spreads))
-    busy = [f"{r.strategy} ({r.busy_cores:.1f})" for r in rows
+    return ("per-sample prefill times spread widely (interquartile range / median) in " + _some(spreads)
+            if spreads else None)
+
+
+def _same_cost_apart(timed: list[Row]) -> str | None:
+    """Configurations with the same FLOPs ratio should take about the same time; far apart, the machine's speed
+    changed between them."""
+    groups: dict[float, list[Row]] = {}
+    for row in timed:
+        if _is_number(row.flops_ratio):
+            groups.setdefault(round(row.flops_ratio, 3), []).append(row)
+    pairs = []
+    for group in groups.values():
+        fast = min(group, key=lambda r: r.prefill_median_s)
+        slow = max(group, key=lambda r: r.prefill_median_s)
+        if slow.prefill_median_s / fast.prefill_median_s > MEAN_MEDIAN_LIMIT:
+            pairs.append(f"{slow.strategy} vs {fast.strategy} ({slow.prefill_median_s / fast.prefill_median_s:.2f}×)")
+    return ("configurations of the same FLOPs far apart in median prefill, so the machine's speed changed between "
+            "them: " + _some(pairs) if pairs else None)
+
+
+def _busy_cpu(timed: list[Row]) -> str | None:
+    busy = [f"{r.strategy} ({r.busy_cores:.1f})" for r in timed
             if _is_number(r.busy_cores) and r.busy_cores >= BUSY_CORES_LIMIT]
-    if busy:
-        problems.append("other processes kept cores busy (cores) during " + _some(busy))
-    return problems
+    return "other processes kept cores busy (cores) during " + _some(busy) if busy else None
 
 
 def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
