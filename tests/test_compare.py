@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastv_advanced import compare
+from fastv_advanced.comparison_rows import pareto_front
 from fastv_advanced.cli import compare as compare_cli
 from fastv_advanced.statistics import bootstrap_delta_interval
 
@@ -199,8 +200,8 @@ def test_nothing_to_compare_exits_2(tmp_path, capsys):
 
 def test_pareto_front():
     points = [(100, 70), (60, 50), (60, 70), (45, 0), (60, 100), (80, 90)]
-    assert compare.pareto_front(points) == [3, 4]
-    assert compare.pareto_front([(1, 1), (2, 2), (3, 1.5), (4, 3)]) == [0, 1, 3]
+    assert pareto_front(points) == [3, 4]
+    assert pareto_front([(1, 1), (2, 2), (3, 1.5), (4, 3)]) == [0, 1, 3]
 
 
 def test_plot_is_written(tmp_path, capsys):

@@ -13,7 +13,7 @@ per-sample JSONL each one names (`samples_file`).
   the runs used different question files (sha256) or models, unless `allow_mixed`.
 - `format_table` (the guide's layout), `format_markdown`, `format_csv`, `format_json`.
 
-`Row`, `Comparison` and `pareto_front` live in `comparison_rows` (shared with `plotting`, which draws the plot).
+`Row`, `Comparison` and the Pareto front live in `comparison_rows` (shared with `plotting`, which draws the plot).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row, pareto_front  # noqa: F401 (re-exported)
+from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row
 from .embedded import MODEL_PATH as EMBEDDED_MODEL_PATH
 from .statistics import bootstrap_delta_interval, mcnemar_exact
 
