@@ -24,6 +24,7 @@ setup(
             "fastv-eval-scivqa=fastv_advanced.cli.eval_scivqa:main",
             "fastv-sweep=fastv_advanced.cli.sweep:main",
             "fastv-compare=fastv_advanced.cli.compare:main",
+            "fastv-visualize=fastv_advanced.cli.visualize:main",
             "fastv-merge-chunks=fastv_advanced.cli.merge_chunks:main",
             "fastv-convert=fastv_advanced.cli.convert:main",
         ]

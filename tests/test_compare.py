@@ -9,11 +9,13 @@ import csv
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from fastv_advanced import compare
+from fastv_advanced.comparison_rows import pareto_front
 from fastv_advanced.cli import compare as compare_cli
 from fastv_advanced.statistics import bootstrap_delta_interval
 
@@ -198,8 +200,8 @@ def test_nothing_to_compare_exits_2(tmp_path, capsys):
 
 def test_pareto_front():
     points = [(100, 70), (60, 50), (60, 70), (45, 0), (60, 100), (80, 90)]
-    assert compare.pareto_front(points) == [3, 4]
-    assert compare.pareto_front([(1, 1), (2, 2), (3, 1.5), (4, 3)]) == [0, 1, 3]
+    assert pareto_front(points) == [3, 4]
+    assert pareto_front([(1, 1), (2, 2), (3, 1.5), (4, 3)]) == [0, 1, 3]
 
 
 def test_plot_is_written(tmp_path, capsys):
@@ -215,3 +217,179 @@ def test_plot_is_written(tmp_path, capsys):
         # Two panels of drawn content: the picture is far from a blank canvas.
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 200
+
+
+def imported_modules(module: str) -> set[str]:
+    """The package modules `fastv_advanced.<module>` imports (`from .x import`, `from . import x`, absolute)."""
+    import ast
+
+    import fastv_advanced
+
+    source = (Path(fastv_advanced.__file__).parent / f"{module}.py").read_text(encoding="utf-8")
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = (node.module or "").removeprefix("fastv_advanced.").lstrip(".")
+            found |= {base} if base else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.removeprefix("fastv_advanced.") for alias in node.names}
+    return found
+
+
+def test_compare_and_plotting_do_not_import_each_other():
+    assert "plotting" not in imported_modules("compare")
+    assert "compare" not in imported_modules("plotting")
+    assert "comparison_rows" in imported_modules("compare") & imported_modules("plotting")
+
+
+def has_cjk(text: str) -> bool:
+    return any(compare.display_width(ch) == 2 for ch in text)
+
+
+def test_notes_name_the_columns_as_the_chosen_format_heads_them(capsys):
+    _, markdown, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "markdown")
+    header, notes = markdown.splitlines()[0], markdown.split("\n\n", 1)[1]
+    assert not has_cjk(header) and not has_cjk(notes)
+    for english in ("Prefill speed-up", "FLOPs ratio", "Image tokens kept", "McNemar p", "Δ 95% CI"):
+        assert f"| {english} |" in header and f"{english}:" in notes
+    _, table, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    for chinese in ("预填充加速", "FLOPs比例", "图像token"):
+        assert chinese in table.splitlines()[4] and f"{chinese} (" in " ".join(table.split("\n")[14:])
+
+
+def test_help_names_the_command_it_was_called_by_and_shows_plain_percent(capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit):
+        compare_cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastv-compare ") and "95% interval" in out and "%%" not in out
+    guide_script = Path(__file__).resolve().parents[1] / "src" / "HiMAP" / "inference" / "compare_fastv_results.py"
+    out = subprocess.run([sys.executable, str(guide_script), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("usage: compare_fastv_results.py ") and "%%" not in out
+
+
+def test_a_missing_or_file_results_dir_is_named_as_such(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "--results-dir", tmp_path / "nonexistent")
+    assert code == 2 and out == "" and "the folder does not exist" in err and "no result files" not in err
+    (tmp_path / "file.json").write_text("{}")
+    code, _, err = run_cli(capsys, "--results-dir", tmp_path / "file.json")
+    assert code == 2 and "is a file, not a folder" in err
+
+
+def test_output_closed_by_its_reader_ends_quietly():
+    """`fastv-compare --format json | head`: the reader is gone before anything is written."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastv_advanced.cli.compare", "--results-dir", str(FIXTURES), "--format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def edit_result(folder: Path, name: str, edit) -> None:
+    path = folder / f"scienceqa_results_{name}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_trustworthy_timings_get_no_warning(capsys):
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")
+    assert json.loads(out)["timing"] == {"speedup_from": "median prefill time (time to first token, warm-up excluded)",
+                                         "trustworthy": True, "problems": []}
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert "Timings not trustworthy" not in out
+
+
+def test_untrustworthy_timings_are_named_next_to_the_table_and_the_speedup_uses_medians(results, capsys):
+    edit_result(results, "fastv_max_head", lambda d: d["latency"].update(prefill_mean=0.5))  # median 0.125
+    edit_result(results, "fastv_avg_all_heads", lambda d: d.setdefault("environment", {}).update(busy_cores=1.0))
+    jsonl = results / "scienceqa_results_fastv_max_head_rank144_k2.jsonl"
+    lines = jsonl.read_text().splitlines()
+    spread = [lines[0]] + [json.dumps({**json.loads(line), "prefill_s": 0.05 * (i + 1)})
+                           for i, line in enumerate(lines[1:])]
+    jsonl.write_text("\n".join(spread) + "\n")  # 0.05 .. 0.5 s: interquartile range 0.275 s, median 0.275 s
+
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "json")
+    report = json.loads(out)
+    rows = {r["strategy"]: r for r in report["rows"]}
+    assert rows["FastV - max_head"]["prefill_speedup"] == pytest.approx(0.200 / 0.125)
+    assert rows["FastV - max_head"]["prefill_speedup_mean"] == pytest.approx(0.200 / 0.5)
+    assert rows["FastV - max_head (R=144, K=2)"]["prefill_spread"] == pytest.approx(1.0)
+    timing = report["timing"]
+    assert not timing["trustworthy"] and len(timing["problems"]) == 3
+    assert "FastV - max_head (4.00×)" in timing["problems"][0]
+    assert "FastV - max_head (R=144, K=2) (100%)" in timing["problems"][1]
+    assert "busy" in timing["problems"][2] and "FastV - avg_all_heads (1.0)" in timing["problems"][2]
+
+    _, out, _ = run_cli(capsys, "--results-dir", results)
+    lines = out.splitlines()
+    assert set(lines[13]) == {"-"} and lines[14].startswith("Timings not trustworthy: mean prefill far from")
+    assert "1.60x" in next(line for line in lines if line.startswith("FastV - max_head  "))
+
+
+def test_a_tiny_model_s_timings_are_flagged(results, capsys):
+    edit_result(results, "baseline", lambda d: d["latency"].update(prefill_median=0.02, prefill_mean=0.02))
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "markdown")
+    note = next(line for line in out.splitlines() if line.startswith("- Timings not trustworthy"))
+    assert "Baseline's median prefill is 20 ms, below 50 ms" in note and "Prefill speed-up compares median" in note
+
+
+def test_results_of_the_embedded_model_say_what_its_numbers_mean(results, capsys):
+    _, out, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert "Embedded toy model" not in out
+    for name in ("baseline", "fastv_max_head"):  # from another checkout: recognised by the folder names
+        edit_result(results, name, lambda d: d["model_config"].update(
+            model_path="/elsewhere/checkout/models/tiny-llava-scienceqa"))
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed")
+    lines = out.splitlines()
+    assert set(lines[13]) == {"-"} and lines[14].startswith("Embedded toy model (models/tiny-llava-scienceqa): ")
+    assert "lose to random" in " ".join(lines) and "not LLaVA (docs/embedded_demo.md)" in " ".join(lines)
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed", "--format", "json")
+    report = json.loads(out)
+    assert report["embedded_model"] and report["notes"][0] == compare.EMBEDDED_NOTE
+
+
+def test_narrow_width_splits_the_columns_into_blocks_and_loses_nothing(capsys):
+    _, full, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    _, narrow, _ = run_cli(capsys, "--results-dir", FIXTURES, "--width", "80")
+    lines = narrow.splitlines()
+    assert max(compare.display_width(line) for line in lines) <= 80 < max(map(compare.display_width, full.splitlines()))
+    headers = [line for line in lines if line.startswith("策略")]
+    assert len(headers) >= 2
+    for _, chinese, _ in compare.COLUMNS:  # every column, the guide's and the others, in some block
+        assert sum(chinese in header for header in headers) == (len(headers) if chinese == "策略" else 1)
+    rows = json.loads(run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")[1])["rows"]
+    for row in rows:  # each value of each row appears on a line that starts with the row's short label
+        label = "Baseline" if row["baseline"] else row["strategy"].removeprefix("FastV - ").replace(" (", " ") \
+            .replace(", ", " ").rstrip(")")
+        shown = " ".join(line for line in lines if line.startswith(label + "  "))
+        assert f"{row['accuracy']:.4f}" in shown and f"{row['avg_latency_s']:.6f}" in shown
+        assert f"{100 * row['flops_ratio']:.2f}%" in shown and f" {row['samples']} " in shown
+        assert row["baseline"] or f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]" in shown
+
+
+def test_the_table_fits_a_terminal_and_stays_whole_in_a_pipe(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    _, piped, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert piped == run_cli(capsys, "--results-dir", FIXTURES, "--width", "0")[1]
+    assert len([line for line in piped.splitlines() if line.startswith("策略")]) == 1
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _, terminal, _ = run_cli(capsys, "--results-dir", FIXTURES)
+    assert terminal != piped and terminal == run_cli(capsys, "--results-dir", FIXTURES, "--width", "80")[1]
+
+
+def test_configurations_of_the_same_flops_far_apart_in_time_are_flagged(results, capsys):
+    edit_result(results, "fastv_weighted_combination_alpha0.5", lambda d: d["latency"].update(
+        prefill_median=0.2, prefill_mean=0.2))  # the others of FLOPs 0.6017 take 0.125-0.130 s
+    _, out, _ = run_cli(capsys, "--results-dir", results, "--format", "json")
+    assert json.loads(out)["timing"]["problems"] == [
+        "configurations of the same FLOPs far apart in median prefill, so the machine's speed changed between them: "
+        "FastV - weighted α=0.5 vs FastV - max_head (1.60×)"]

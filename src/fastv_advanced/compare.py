@@ -1,4 +1,4 @@
-"""Comparing ScienceQA result files: the guide's table, speed-ups, paired significance, and a Pareto plot.
+"""Comparing ScienceQA result files: the guide's table, speed-ups and paired significance.
 
 Reporting only (no model code). It reads every `scienceqa_results_*.json` in a folder plus, for significance, the
 per-sample JSONL each one names (`samples_file`).
@@ -7,11 +7,13 @@ per-sample JSONL each one names (`samples_file`).
   left out with a warning that names them.
 - `build_comparison(runs, allow_mixed=False)` -> `Comparison`: one `Row` per run, the baseline first, then by
   method (the guide's order: max_head, avg_all_heads, weighted_combination, random, others by name), alpha, rank,
-  K. Against the baseline: Δ accuracy, prefill speed-up (baseline mean prefill / the run's), and the paired
-  significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval). `MixedRuns` when
+  K. Against the baseline: Δ accuracy, prefill speed-up (baseline median prefill / the run's), and the paired
+  significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval), and why the
+  timings are not trustworthy when they are not (`timing_problems`). `MixedRuns` when
   the runs used different question files (sha256) or models, unless `allow_mixed`.
 - `format_table` (the guide's layout), `format_markdown`, `format_csv`, `format_json`.
-- `plot_comparison(comparison, path)`: accuracy against FLOPs ratio and against prefill latency, the Pareto front.
+
+`Row`, `Comparison` and the Pareto front live in `comparison_rows` (shared with `plotting`, which draws the plot).
 """
 
 from __future__ import annotations
@@ -21,20 +23,39 @@ import io
 import json
 import math
 import os
+import statistics
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row
+from .embedded import MODEL_PATH as EMBEDDED_MODEL_PATH
 from .statistics import bootstrap_delta_interval, mcnemar_exact
 
 RESULT_GLOB = "scienceqa_results_*.json"
 GUIDE_RANK, GUIDE_AGG_LAYER = 288, 2
 METHOD_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")
 BOOTSTRAP_RESAMPLES = 10000
-SIGNIFICANCE_LEVEL = 0.05
 TITLE = "FastV Advanced 结果比较"
+SAMPLE_FIELDS = ("correct", "prefill_s", "warmup")  # what the comparison reads of each per-sample record
 REQUIRED_KEYS = ("accuracy", "total_samples", "correct_samples", "model_config", "question_file", "latency",
                  "flops_info", "tokens")
+
+
+# When prefill times are not trustworthy (see `timing_problems`):
+TINY_PREFILL_S = 0.050  # a median below: fixed per-call overheads weigh as much as the work pruning removes
+MEAN_MEDIAN_LIMIT = 1.25  # mean / median prefill above this (or below its inverse): a few samples far off; also
+# the largest ratio of median prefills between configurations of the same FLOPs
+SPREAD_LIMIT = 0.25  # interquartile range / median of the per-sample prefill times above this
+BUSY_CORES_LIMIT = 0.5  # cores kept busy by other processes (the result's `environment.busy_cores`)
+MIN_SPREAD_SAMPLES = 5
+
+
+EMBEDDED_NOTE = (
+    "Embedded toy model (models/tiny-llava-scienceqa): trained so that its layers 0-1 read another question's "
+    "picture, the early-layer attention FastV scores says little about this picture and the attention-based "
+    "strategies lose to random; these numbers check the tools, not LLaVA (docs/embedded_demo.md)."
+)
 
 
 class MixedRuns(ValueError):
@@ -46,11 +67,24 @@ class MixedRuns(ValueError):
 
 @dataclass
 class Run:
-    """One result file, and the per-question correctness of its JSONL (None when that cannot be read)."""
+    """One result file, and the per-question records of its JSONL that the comparison reads (None when they cannot
+    be read): question id -> the `SAMPLE_FIELDS` of its record."""
 
     path: Path
     data: dict
-    correct: dict[str, bool] | None = None
+    samples: dict[str, dict] | None = None
+
+    @property
+    def correct(self) -> dict[str, bool] | None:
+        """Question id -> answered correctly."""
+        return None if self.samples is None else {qid: bool(r.get("correct")) for qid, r in self.samples.items()}
+
+    @property
+    def prefill_times(self) -> list[float] | None:
+        """Per-sample prefill seconds of the timed samples (the warm-up sample excluded)."""
+        if self.samples is None:
+            return None
+        return [r["prefill_s"] for r in self.samples.values() if not r.get("warmup") and _is_number(r.get("prefill_s"))]
 
     @property
     def config(self) -> dict:
@@ -79,6 +113,11 @@ class Run:
     @property
     def agg_layer(self) -> int | None:
         return None if self.is_baseline else self.config.get("fast_v_agg_layer")
+
+    @property
+    def is_embedded_model(self) -> bool:
+        """Run on the embedded toy model, from this checkout or any other (the path ends in models/<its name>)."""
+        return Path(self.config.get("model_path") or "").parts[-2:] == EMBEDDED_MODEL_PATH.parts[-2:]
 
     @property
     def question_sha(self) -> str | None:
@@ -147,8 +186,9 @@ def read_result(path: Path) -> tuple[Run | None, str | None]:
     return Run(path, data), None
 
 
-def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
-    """Per-question correctness (question id -> correct) of the run's JSONL, limited to the run's selection."""
+def read_samples(run: Run, fields: tuple[str, ...] | None = SAMPLE_FIELDS) -> tuple[dict[str, dict] | None, str | None]:
+    """The run's per-sample JSONL records by question id, limited to the run's selection and to `fields` (None =
+    every field); (None, reason) when the file cannot be read or belongs to another run."""
     name = run.data.get("samples_file") or run.path.with_suffix(".jsonl").name
     path = run.path.parent / name
     try:
@@ -169,7 +209,7 @@ def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
                 return None, f"per-sample file {path} has no header line"
             header = item
         elif isinstance(item, dict) and "id" in item:
-            records[str(item["id"])] = bool(item.get("correct"))
+            records[str(item["id"])] = item if fields is None else {k: item[k] for k in fields if k in item}
     if header is None:
         return None, f"per-sample file {path} is empty"
     if run.data.get("fingerprint") and header.get("fingerprint") != run.data.get("fingerprint"):
@@ -183,6 +223,16 @@ def read_correctness(run: Run) -> tuple[dict[str, bool] | None, str | None]:
     return records, None
 
 
+def results_dir_problem(results_dir: str | os.PathLike) -> str | None:
+    """Why `--results-dir` cannot be searched for result files (None when it can)."""
+    path = Path(results_dir)
+    if not path.exists():
+        return f"--results-dir {results_dir}: the folder does not exist"
+    if not path.is_dir():
+        return f"--results-dir {results_dir} is a file, not a folder"
+    return None
+
+
 def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[str]]:
     """Every readable, complete `scienceqa_results_*.json` in `results_dir` with its per-sample correctness, and
     warnings naming what was skipped."""
@@ -194,7 +244,7 @@ def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[
         if run is None:
             warnings.append(f"skipping {path}: it {problem}")
             continue
-        run.correct, problem = read_correctness(run)
+        run.samples, problem = read_samples(run)
         if problem:
             warnings.append(f"{problem}: significance of {path.name} is n/a")
         runs.append(run)
@@ -202,60 +252,6 @@ def load_results(results_dir: str | os.PathLike = ".") -> tuple[list[Run], list[
 
 
 # -- the comparison -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the comparison (None = not available)."""
-
-    file: str
-    strategy: str
-    baseline: bool
-    method: str | None
-    alpha: float | None
-    rank: int | None
-    agg_layer: int | None
-    keep_ratio: float | None
-    accuracy: float
-    correct: int
-    samples: int
-    errors: int
-    delta: float | None
-    avg_latency_s: float | None
-    prefill_mean_s: float | None
-    prefill_speedup: float | None
-    generate_speedup: float | None
-    flops_ratio: float | None
-    image_tokens: float | None
-    kept_image_tokens: float | None
-    paired_samples: int | None = None
-    mcnemar_b: int | None = None  # questions only the baseline answers correctly
-    mcnemar_c: int | None = None  # questions only this run answers correctly
-    p_value: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    short_label: str = ""
-
-    @property
-    def significant(self) -> bool:
-        return self.p_value is not None and self.p_value < SIGNIFICANCE_LEVEL
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        del data["short_label"]
-        return data
-
-
-@dataclass
-class Comparison:
-    rows: list[Row]
-    results_dir: str
-    baseline: str | None
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    question_files: list[dict] = field(default_factory=list)
-    models: list[str] = field(default_factory=list)
-    standard_error: float | None = None  # of the baseline's accuracy (binomial), as a fraction
 
 
 def _ratio(numerator, denominator) -> float | None:
@@ -334,7 +330,75 @@ def build_comparison(runs: list[Run], *, allow_mixed: bool = False, results_dir:
     if baseline is not None and baseline.data["total_samples"]:
         p, n = baseline.data["accuracy"], baseline.data["total_samples"]
         comparison.standard_error = math.sqrt(p * (1 - p) / n)
+    comparison.timing_problems = timing_problems(rows)
+    comparison.embedded_model = any(run.is_embedded_model for run in runs)
     return comparison
+
+
+def prefill_spread(times: list[float] | None) -> float | None:
+    """Interquartile range / median of per-sample prefill times (None for fewer than `MIN_SPREAD_SAMPLES`)."""
+    if not times or len(times) < MIN_SPREAD_SAMPLES:
+        return None
+    q1, median, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / median if median > 0 else None
+
+
+def _some(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def timing_problems(rows: list[Row]) -> list[str]:
+    """Why the prefill times cannot be taken at face value, one phrase per reason (empty when none): a tiny model,
+    mean far from median, a wide spread, configurations of the same FLOPs far apart, a busy CPU recorded."""
+    timed = [r for r in rows if r.prefill_median_s is not None and r.prefill_median_s > 0]
+    checks = (_tiny_model, _mean_far_from_median, _wide_spread, _same_cost_apart, _busy_cpu)
+    return [problem for check in checks if timed and (problem := check(timed))]
+
+
+def _tiny_model(timed: list[Row]) -> str | None:
+    reference = next((r for r in timed if r.baseline), None) or max(timed, key=lambda r: r.prefill_median_s)
+    if reference.prefill_median_s >= TINY_PREFILL_S:
+        return None
+    return (f"{reference.strategy}'s median prefill is {1000 * reference.prefill_median_s:.0f} ms, below "
+            f"{1000 * TINY_PREFILL_S:.0f} ms: on so small a model fixed per-call overheads weigh as much as the work "
+            "pruning removes, so its speed-ups say nothing about a full-size model")
+
+
+def _mean_far_from_median(timed: list[Row]) -> str | None:
+    gaps = [f"{r.strategy} ({r.prefill_mean_s / r.prefill_median_s:.2f}×)" for r in timed
+            if _is_number(r.prefill_mean_s)
+            and not 1 / MEAN_MEDIAN_LIMIT <= r.prefill_mean_s / r.prefill_median_s <= MEAN_MEDIAN_LIMIT]
+    return "mean prefill far from the median in " + _some(gaps) if gaps else None
+
+
+def _wide_spread(timed: list[Row]) -> str | None:
+    spreads = [f"{r.strategy} ({100 * r.prefill_spread:.0f}%)" for r in timed
+               if r.prefill_spread is not None and r.prefill_spread > SPREAD_LIMIT]
+    return ("per-sample prefill times spread widely (interquartile range / median) in " + _some(spreads)
+            if spreads else None)
+
+
+def _same_cost_apart(timed: list[Row]) -> str | None:
+    """Configurations with the same FLOPs ratio should take about the same time; far apart, the machine's speed
+    changed between them."""
+    groups: dict[float, list[Row]] = {}
+    for row in timed:
+        if _is_number(row.flops_ratio):
+            groups.setdefault(round(row.flops_ratio, 3), []).append(row)
+    pairs = []
+    for group in groups.values():
+        fast = min(group, key=lambda r: r.prefill_median_s)
+        slow = max(group, key=lambda r: r.prefill_median_s)
+        if slow.prefill_median_s / fast.prefill_median_s > MEAN_MEDIAN_LIMIT:
+            pairs.append(f"{slow.strategy} vs {fast.strategy} ({slow.prefill_median_s / fast.prefill_median_s:.2f}×)")
+    return ("configurations of the same FLOPs far apart in median prefill, so the machine's speed changed between "
+            "them: " + _some(pairs) if pairs else None)
+
+
+def _busy_cpu(timed: list[Row]) -> str | None:
+    busy = [f"{r.strategy} ({r.busy_cores:.1f})" for r in timed
+            if _is_number(r.busy_cores) and r.busy_cores >= BUSY_CORES_LIMIT]
+    return "other processes kept cores busy (cores) during " + _some(busy) if busy else None
 
 
 def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
@@ -344,14 +408,17 @@ def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
         rank=run.rank, agg_layer=run.agg_layer, keep_ratio=run.keep_ratio, accuracy=float(data["accuracy"]),
         correct=int(data["correct_samples"]), samples=int(data["total_samples"]), errors=int(data.get("errors") or 0),
         delta=None, avg_latency_s=data.get("avg_latency"), prefill_mean_s=latency.get("prefill_mean"),
-        prefill_speedup=None, generate_speedup=None, flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"),
-        image_tokens=tokens.get("avg_image_tokens"), kept_image_tokens=tokens.get("avg_kept_image_tokens"),
-        short_label=run.short_label,
+        prefill_median_s=latency.get("prefill_median"), prefill_spread=prefill_spread(run.prefill_times),
+        prefill_speedup=None, prefill_speedup_mean=None, generate_speedup=None,
+        flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"), image_tokens=tokens.get("avg_image_tokens"),
+        kept_image_tokens=tokens.get("avg_kept_image_tokens"),
+        busy_cores=(data.get("environment") or {}).get("busy_cores"), short_label=run.short_label,
     )
     if baseline is None:
         return row
     base_latency = baseline.data.get("latency") or {}
-    row.prefill_speedup = _ratio(base_latency.get("prefill_mean"), row.prefill_mean_s)
+    row.prefill_speedup_mean = _ratio(base_latency.get("prefill_mean"), row.prefill_mean_s)
+    row.prefill_speedup = _ratio(base_latency.get("prefill_median"), row.prefill_median_s) or row.prefill_speedup_mean
     row.generate_speedup = _ratio(base_latency.get("generate_mean"), latency.get("generate_mean"))
     if run.question_sha != baseline.question_sha:
         notes.append(f"{row.strategy}: another question set than the baseline, Δ and significance are n/a")
@@ -414,7 +481,7 @@ def _cells(row: Row, has_baseline: bool) -> dict[str, str]:
         "accuracy": accuracy,
         "delta": dash if row.baseline else _fmt(row.delta, "+.4f"),
         "latency": _fmt(row.avg_latency_s, ".6f"),
-        "prefill": _fmt(row.prefill_mean_s, ".6f"),
+        "prefill": _fmt(row.prefill_median_s, ".6f"),
         "speedup": NA if row.prefill_speedup is None else f"{row.prefill_speedup:.2f}x",
         "flops": NA if row.flops_ratio is None else f"{100 * row.flops_ratio:.2f}%",
         "tokens": _fmt_tokens(row),
@@ -429,7 +496,7 @@ COLUMNS = (
     ("strategy", "策略", "Strategy"),
     ("accuracy", "准确率 (Δ)", "Accuracy (Δ)"),
     ("latency", "平均延迟(s)", "Avg latency (s)"),
-    ("prefill", "预填充(s)", "Prefill (s)"),
+    ("prefill", "预填充(s)", "Prefill median (s)"),
     ("speedup", "预填充加速", "Prefill speed-up"),
     ("flops", "FLOPs比例", "FLOPs ratio"),
     ("tokens", "图像token", "Image tokens kept"),
@@ -448,8 +515,16 @@ def _pad(text: str, width: int) -> str:
     return text + " " * max(0, width - display_width(text))
 
 
-def explanation(comparison: Comparison) -> list[str]:
-    """What the columns mean and how to read the significance (printed under the table)."""
+def column_names(english: bool) -> dict[str, str]:
+    """Column key -> the name the notes use for it: the header of the chosen format (English for markdown; the
+    guide's Chinese header with its English name in brackets for the table)."""
+    return {key: english_name if english or chinese == english_name else f"{chinese} ({english_name})"
+            for key, chinese, english_name in COLUMNS}
+
+
+def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
+    """What the columns mean and how to read the significance (printed under the table), naming the columns as
+    `names` (from `column_names`) does."""
     if comparison.baseline is None:
         return []
     n = next(r.samples for r in comparison.rows if r.baseline)
@@ -460,15 +535,37 @@ def explanation(comparison: Comparison) -> list[str]:
         bound = 50 / math.sqrt(max(n, 1))  # sqrt(p(1-p)/n) at p = 1/2
         noise = f"With {n} questions one run's accuracy has a standard error of up to ±{bound:.1f} points"
     return [
-        "Δ: accuracy minus the Baseline's. 预填充加速 (prefill speed-up): the Baseline's mean prefill time (time to "
-        "first token) / this run's. FLOPs比例: theoretical decoder prefill FLOPs relative to the unpruned model. "
-        "图像token: image tokens kept / seen per image.",
+        f"Δ: accuracy minus the Baseline's. {names['prefill']}: median prefill time per sample (time to first token; "
+        f"the warm-up sample excluded). {names['speedup']}: the Baseline's median prefill time / this run's. "
+        f"{names['flops']}: theoretical decoder prefill FLOPs relative to the unpruned model. "
+        f"{names['tokens']}: image tokens kept / seen per image.",
         "McNemar p: exact two-sided McNemar test on per-question correctness, paired with the Baseline by question "
         f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}.",
         f"{noise} (about ±1 point on all 2017 ScienceQA-IMG test questions): a difference with p >= "
         f"{SIGNIFICANCE_LEVEL} cannot be told apart from noise (with few questions the bootstrap CI is too narrow: "
         "go by p).",
     ]
+
+
+def timing_note(comparison: Comparison, names: dict[str, str]) -> list[str]:
+    """One line saying why the timings are not trustworthy, or nothing when no reason was found."""
+    if not comparison.timing_problems:
+        return []
+    return [f"Timings not trustworthy: {'; '.join(comparison.timing_problems)}. {names['speedup']} compares median "
+            "prefill times, which a few slow samples do not move; measure speed on a quiet machine (one torch thread "
+            "on a shared CPU) and a full-size model."]
+
+
+def notes(comparison: Comparison, english: bool) -> list[str]:
+    """The lines under the table: what the embedded model's numbers mean and the timing warning first (next to the
+    numbers), then the explanation, then the comparison's own notes."""
+    names = column_names(english)
+    return model_notes(comparison) + timing_note(comparison, names) + explanation(comparison, names) + comparison.notes
+
+
+def model_notes(comparison: Comparison) -> list[str]:
+    """What the numbers of the model at hand mean (the embedded toy's), printed first under the table."""
+    return [EMBEDDED_NOTE] if comparison.embedded_model else []
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -484,21 +581,48 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [current] if current else lines
 
 
-def format_table(comparison: Comparison) -> str:
-    """The guide's layout: a title between '=' rules, a header, the rows between '-' rules, then the notes."""
+def _column_widths(cells: list[dict[str, str]]) -> dict[str, int]:
+    """Column key -> terminal columns it takes (its widest cell or header, plus two spaces)."""
+    return {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
+            for key, header, _ in COLUMNS}
+
+
+def _column_blocks(widths: dict[str, int], width: int | None) -> list[list[str]]:
+    """The column keys in blocks that each fit `width` (None: one block), each block led by the strategy column;
+    the other columns keep their order and are never split. A line ends without its last column's two spaces."""
+    if width is None:
+        return [[key for key, _, _ in COLUMNS]]
+    blocks: list[list[str]] = []
+    for key, _, _ in COLUMNS[1:]:
+        if not blocks or sum(widths[k] for k in blocks[-1]) + widths[key] - 2 > width:
+            blocks.append(["strategy"])
+        blocks[-1].append(key)
+    return blocks
+
+
+def format_table(comparison: Comparison, width: int | None = None) -> str:
+    """The guide's layout: a title between '=' rules, a header, the rows between '-' rules, then the notes.
+
+    width: terminal columns to fit (None: no limit). When the table is wider, the strategies get their short labels
+    and the columns are split into blocks one under the other, each repeating the strategy column; nothing is left
+    out."""
     has_baseline = comparison.baseline is not None
     cells = [_cells(row, has_baseline) for row in comparison.rows]
-    widths = {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
-              for key, header, _ in COLUMNS}
-    total = sum(widths.values())
-    rule = max(total, 100)
-    lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule, ""]
-    lines.append("".join(_pad(header, widths[key]) for key, header, _ in COLUMNS).rstrip())
-    lines.append("-" * rule)
-    for c in cells:
-        lines.append("".join(_pad(c[key], widths[key]) for key, _, _ in COLUMNS).rstrip())
-    lines.append("-" * rule)
-    for note in explanation(comparison) + comparison.notes:
+    widths = _column_widths(cells)
+    if width is not None and sum(widths.values()) - 2 <= width:
+        width = None
+    if width is not None:
+        for c, row in zip(cells, comparison.rows):
+            c["strategy"] = row.short_label
+        widths = _column_widths(cells)
+    rule = max(sum(widths.values()), 100) if width is None else width
+    headers = {key: header for key, header, _ in COLUMNS}
+    lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule]
+    for block in _column_blocks(widths, width):
+        lines += ["", "".join(_pad(headers[key], widths[key]) for key in block).rstrip(), "-" * rule]
+        lines += ["".join(_pad(c[key], widths[key]) for key in block).rstrip() for c in cells]
+        lines.append("-" * rule)
+    for note in notes(comparison, english=False):
         lines += _wrap(note, rule)
     return "\n".join(lines)
 
@@ -511,16 +635,16 @@ def format_markdown(comparison: Comparison) -> str:
     for row in comparison.rows:
         cells = _cells(row, has_baseline)
         lines.append("| " + " | ".join(cells[k].replace("|", "\\|") for k in keys) + " |")
-    notes = explanation(comparison) + comparison.notes
-    if notes:
-        lines.append("")
-        lines += [f"- {note}" for note in notes]
+    below = notes(comparison, english=True)
+    if below:
+        lines += [""] + [f"- {note}" for note in below]
     return "\n".join(lines)
 
 
 CSV_FIELDS = ("file", "strategy", "method", "alpha", "rank", "agg_layer", "keep_ratio", "accuracy", "correct",
-              "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_speedup", "generate_speedup",
-              "flops_ratio", "image_tokens", "kept_image_tokens", "paired_samples", "mcnemar_b", "mcnemar_c",
+              "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_median_s", "prefill_spread",
+              "prefill_speedup", "prefill_speedup_mean", "generate_speedup", "flops_ratio", "image_tokens",
+              "kept_image_tokens", "busy_cores", "paired_samples", "mcnemar_b", "mcnemar_c",
               "p_value", "ci_low", "ci_high", "baseline")
 
 
@@ -545,32 +669,13 @@ def format_json(comparison: Comparison) -> str:
         "significance": {"test": "exact two-sided McNemar on paired per-question correctness",
                          "interval": f"paired percentile bootstrap of Δ, {BOOTSTRAP_RESAMPLES} resamples, seed 0",
                          "level": SIGNIFICANCE_LEVEL},
+        "timing": {"speedup_from": "median prefill time (time to first token, warm-up excluded)",
+                   "trustworthy": not comparison.timing_problems, "problems": comparison.timing_problems},
         "rows": [row.to_dict() for row in comparison.rows],
-        "notes": comparison.notes,
+        "embedded_model": comparison.embedded_model,
+        "notes": model_notes(comparison) + comparison.notes,
         "warnings": comparison.warnings,
     }, indent=2, ensure_ascii=False)
 
 
 FORMATTERS = {"table": format_table, "markdown": format_markdown, "csv": format_csv, "json": format_json}
-
-
-# -- plot -----------------------------------------------------------------------------------------------------------
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats (cost <= and accuracy >=, one of them strictly), by cost."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
-    """Two panels, accuracy against the FLOPs ratio and against the mean prefill latency: one labelled point per
-    configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
-    from . import plotting
-
-    return plotting.plot_comparison(comparison, Path(path))

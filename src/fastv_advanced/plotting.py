@@ -1,14 +1,15 @@
 """The comparison plot (matplotlib, Agg backend): accuracy against cost, with the Pareto front.
 
-Used by `compare.plot_comparison`; needs the `plot` extra (`pip install 'fastv_advanced[plot]'`).
+Draws a `comparison_rows.Comparison` built by `compare.build_comparison`; needs the `plot` extra (`pip install 'fastv_advanced[plot]'`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from .compare import Comparison, Row, pareto_front
+from .comparison_rows import Comparison, Row, pareto_front
 
 METHOD_COLOURS = {
     "max_head": "#d62728",
@@ -20,12 +21,13 @@ LABEL_BOX = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none",
 OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
 
 
-def _matplotlib():
+def pyplot(purpose: str = "--plot"):
+    """matplotlib.pyplot on the Agg backend; `RuntimeError` naming `purpose` and the install command without it."""
     try:
         import matplotlib
     except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'fastv_advanced[plot]' (or pip install matplotlib)") \
-            from exc
+        raise RuntimeError(f"{purpose} needs matplotlib: pip install 'fastv_advanced[plot]' (or pip install "
+                           "matplotlib)") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -45,8 +47,11 @@ def _standard_error(row: Row) -> float:
     return 100 * math.sqrt(row.accuracy * (1 - row.accuracy) / row.samples) if row.samples else 0.0
 
 
-def plot_comparison(comparison: Comparison, path: Path) -> Path:
-    plt = _matplotlib()
+def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
+    """Two panels, accuracy against the FLOPs ratio and against the median prefill latency: one labelled point per
+    configuration (the baseline a black star), ±1 standard-error bars, the Pareto front as a dashed staircase."""
+    path = Path(path)
+    plt = pyplot()
     rows = comparison.rows
     others: dict[str, str] = {}
     colours = [_colour(row, others) for row in rows]
@@ -55,7 +60,7 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path:
     panels = (
         (axes[0], [None if r.flops_ratio is None else 100 * r.flops_ratio for r in rows],
          "Prefill FLOPs (% of the unpruned model)", "Accuracy vs. FLOPs"),
-        (axes[1], [r.prefill_mean_s for r in rows], "Mean prefill latency, time to first token (s)",
+        (axes[1], [r.prefill_median_s for r in rows], "Median prefill latency, time to first token (s)",
          "Accuracy vs. prefill latency"),
     )
     for ax, xs, xlabel, title in panels:

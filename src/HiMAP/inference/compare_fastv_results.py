@@ -11,4 +11,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fastv_advanced.cli.compare import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(prog="compare_fastv_results.py"))

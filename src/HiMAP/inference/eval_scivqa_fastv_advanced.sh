@@ -94,8 +94,24 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# The banner shows the paths that will be used: with FASTV_EMBEDDED on, the sweep replaces the three paths by the
+# embedded ones, decided as fastv_advanced/embedded.py does (any value but empty/0/false/no/off, case and surrounding
+# spaces ignored; the files under this checkout, symlinks resolved).
+embedded_value="$(printf '%s' "${FASTV_EMBEDDED:-}" | tr '[:upper:]' '[:lower:]' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')"
+SHOWN_MODEL="${MODEL_PATH}" SHOWN_QUESTIONS="${QUESTION_FILE}" SHOWN_IMAGES="${IMAGE_FOLDER}" EMBEDDED_NOTE=""
+case "${embedded_value}" in
+    ""|0|false|no|off) ;;
+    *)
+        EMBEDDED_ROOT="$(cd "${REPO_ROOT}" && pwd -P)"
+        SHOWN_MODEL="${EMBEDDED_ROOT}/models/tiny-llava-scienceqa"
+        SHOWN_QUESTIONS="${EMBEDDED_ROOT}/data/scienceqa/himap-inference-MCQ.json"
+        SHOWN_IMAGES="${EMBEDDED_ROOT}/data/scienceqa/images/test"
+        EMBEDDED_NOTE=" (FASTV_EMBEDDED is on: the embedded tiny model and data)" ;;
+esac
+
 echo "FastV Advanced suite: baseline, max_head, avg_all_heads, weighted_combination alpha 0.3/0.5/0.7 (R=288, K=2)"
-echo "  model ${MODEL_PATH}; questions ${QUESTION_FILE}; images ${IMAGE_FOLDER}; samples ${NUM_SAMPLES}"
+echo "  model ${SHOWN_MODEL}${EMBEDDED_NOTE}"
+echo "  questions ${SHOWN_QUESTIONS}; images ${SHOWN_IMAGES}; samples ${NUM_SAMPLES}"
 echo "  output ${OUTPUT_DIR}; ${GPU_NOTE}"
 
 STEP="sweep (6 configurations, one model load)"

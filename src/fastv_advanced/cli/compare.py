@@ -10,23 +10,29 @@ Exit status 2 when there is nothing to compare or the runs are on different ques
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
-from .. import compare
+from .. import compare, plotting
+from .pipes import exit_quietly_on_broken_pipe
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastv-compare") -> argparse.ArgumentParser:
+    """The command line; `prog` is the name usage and errors show (the guide's script passes its own)."""
     parser = argparse.ArgumentParser(
-        prog="compare_fastv_results.py",
+        prog=prog,
         description="Compare the ScienceQA results (scienceqa_results_*.json) of a folder: accuracy with Δ vs. the "
         "baseline, average latency, prefill speed-up, FLOPs ratio, image tokens kept, samples, and per "
-        "configuration the exact McNemar p-value and a bootstrap 95%% interval of Δ (paired by question id, from "
+        "configuration the exact McNemar p-value and a bootstrap 95% interval of Δ (paired by question id, from "
         "the per-sample .jsonl files).",
     )
     parser.add_argument("--results-dir", default=".", help="folder with the result files (default: the current "
                         "directory)")
     parser.add_argument("--format", choices=sorted(compare.FORMATTERS), default="table",
                         help="output written to standard output (default: table, the guide's layout)")
+    parser.add_argument("--width", type=int, metavar="COLUMNS", default=None, help="fit the table into this many "
+                        "terminal columns, splitting its columns into blocks one under the other (default: the "
+                        "terminal's width when writing to a terminal, no limit otherwise; 0 = no limit)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="also draw accuracy against the FLOPs ratio "
                         "and against prefill latency (two panels, Pareto front) into this image")
     parser.add_argument("--allow-mixed", action="store_true", help="compare runs on different question files or "
@@ -34,8 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def table_width(width: int | None) -> int | None:
+    """--width, or the terminal's width when standard output is a terminal (pipes and files keep the full table)."""
+    if width is None:
+        return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    return width or None
+
+
+def main(argv: list[str] | None = None, prog: str = "fastv-compare") -> int:
+    """Exit status: 0, 1 (the plot cannot be drawn), 2 (nothing to compare, mixed runs), 141 (output closed)."""
+    return exit_quietly_on_broken_pipe(lambda: _compare(argv, prog))
+
+
+def _compare(argv: list[str] | None, prog: str) -> int:
+    args = build_parser(prog).parse_args(argv)
+    problem = compare.results_dir_problem(args.results_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     runs, warnings = compare.load_results(args.results_dir)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -52,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for warning in comparison.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(compare.FORMATTERS[args.format](comparison))
+    if args.format == "table":
+        print(compare.format_table(comparison, width=table_width(args.width)))
+    else:
+        print(compare.FORMATTERS[args.format](comparison))
     if args.plot:
         try:
-            path = compare.plot_comparison(comparison, args.plot)
+            path = plotting.plot_comparison(comparison, args.plot)
         except (RuntimeError, OSError) as exc:
             print(f"error: cannot draw {args.plot}: {exc}", file=sys.stderr)
             return 1
