@@ -19,7 +19,9 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_IMAGE_TOKENS, draw_image, llava_entry, write_question_set
 from fastv_advanced import FastVConfig
-from fastv_advanced import evaluation as ev
+from fastv_advanced import model_loading
+from fastv_advanced.run_config import RunConfig, result_file_name, samples_file_name
+from fastv_advanced.run_files import SampleJournal
 from fastv_advanced.cli import eval_scivqa, merge_chunks
 from fastv_advanced.flops import DecoderShape, prefill_flops
 from fastv_advanced.scienceqa import file_sha256
@@ -103,10 +105,10 @@ def test_result_file_names_follow_the_guide(fastv, name):
     if fastv is not None:
         sys.path.insert(0, str(Path(__file__).parent))
         fastv = FastVConfig(**{"agg_layer": 2, "attention_rank": 288, **fastv})
-    run_config = ev.RunConfig(fastv=fastv)
-    assert ev.result_file_name(run_config) == name
-    assert ev.samples_file_name(run_config) == name[: -len(".json")] + ".jsonl"
-    assert ev.samples_file_name(run_config, 4, 1) == name[: -len(".json")] + ".chunk1of4.jsonl"
+    run_config = RunConfig(fastv=fastv)
+    assert result_file_name(run_config) == name
+    assert samples_file_name(run_config) == name[: -len(".json")] + ".jsonl"
+    assert samples_file_name(run_config, 4, 1) == name[: -len(".json")] + ".chunk1of4.jsonl"
 
 
 # -- the guide's command --------------------------------------------------------------------------------------------
@@ -296,11 +298,11 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tiny_model_dir, 
 def test_torn_last_line_is_dropped(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"type": "header", "fingerprint": "x"}\n{"type": "sample", "id": "1"}\n{"type": "sam')
-    header, records = ev.SampleJournal.read(path)
+    header, records = SampleJournal.read(path)
     assert header["fingerprint"] == "x" and list(records) == ["1"]
     path.write_text('{"type": "header", "fingerprint": "x"}\n{"type": "sam\n{"type": "sample", "id": "1"}\n')
     with pytest.raises(ValueError, match=r"s.jsonl:2 is not valid JSON"):
-        ev.SampleJournal.read(path)
+        SampleJournal.read(path)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(ev, "load_model", refuse)
+    monkeypatch.setattr(model_loading, "load_model", refuse)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,14 @@ from datetime import timedelta
 
 import torch
 
-from .. import evaluation as ev
+from .. import model_loading
+from ..chunks import merge_chunks
+from ..evaluation import RunOptions, evaluate
+from ..metrics import format_summary
+from ..model_loading import ModelSpec, inspect_model_path, resolve_device, resolve_dtype
+from ..run_config import RunConfig, check_run, result_file_name, samples_file_name
+from ..run_files import ConfigurationMismatch
+from ..run_loop import ON_ERROR_CHOICES, EvaluationError
 from ..config import FastVConfig
 from ..embedded import ENV_VAR, resolve_embedded
 from ..scienceqa import DataError, QuestionSet, load_questions, missing_images
@@ -109,7 +116,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = Tru
                      "are never overwritten)")
     run.add_argument("--save-selection", action="store_true", help="store the kept image-token indices of every "
                      "sample in the JSONL")
-    run.add_argument("--on-error", choices=ev.ON_ERROR_CHOICES, default="skip", help="a bad sample (malformed "
+    run.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="a bad sample (malformed "
                      "entry, missing/corrupt image): skip = record it as an error (counted wrong) and go on; "
                      "fail = stop")
     run.add_argument("--dry-run", action="store_true", help="check CUDA, the model path, the data files and images "
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- checks before the model loads ----------------------------------------------------------------------------------
 
 
-def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tuple[ev.RunConfig, list[str]]:
+def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tuple[RunConfig, list[str]]:
     """The `RunConfig` the flags describe, and warnings; `UsageError` naming the flag for inconsistent flags."""
     notes = []
     fastv = None
@@ -197,10 +204,10 @@ def fastv_config_from_args(
         raise UsageError(_flag_names(str(exc), flag_names)) from exc
 
 
-def run_config_with(args: argparse.Namespace, fastv: FastVConfig | None) -> ev.RunConfig:
+def run_config_with(args: argparse.Namespace, fastv: FastVConfig | None) -> RunConfig:
     """The `RunConfig` of the prompt/generation flags of `args` with `fastv` (None = baseline)."""
     try:
-        return ev.RunConfig(
+        return RunConfig(
             fastv=fastv,
             conv_mode=args.conv_mode,
             single_pred_prompt=args.single_pred_prompt,
@@ -268,7 +275,7 @@ def prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | None
     return questions, image_folder, problems
 
 
-def describe_inputs(questions: QuestionSet, image_folder, spec: ev.ModelSpec, device, dtype,
+def describe_inputs(questions: QuestionSet, image_folder, spec: ModelSpec, device, dtype,
                     problems: list[str]) -> list[str]:
     """Dry-run lines about CUDA, the model, the questions, the images and the problems found (shared)."""
     return [
@@ -286,7 +293,7 @@ def describe_inputs(questions: QuestionSet, image_folder, spec: ev.ModelSpec, de
     ]
 
 
-def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folder, spec: ev.ModelSpec, device,
+def describe(args, run_config: RunConfig, questions: QuestionSet, image_folder, spec: ModelSpec, device,
              dtype, shards: int, problems: list[str]) -> str:
     fastv = run_config.fastv
     lines = [
@@ -305,10 +312,10 @@ def describe(args, run_config: ev.RunConfig, questions: QuestionSet, image_folde
             + (f" (alpha {fastv.weighted_alpha})" if fastv.token_selection_method == "weighted_combination" else "")
         )
     out = os.path.abspath(args.output_dir)
-    name = ev.result_file_name(run_config)
+    name = result_file_name(run_config)
     if shards > 1:
         lines.append(f"  chunks: {shards} ({'accelerate' if args.num_chunks == 1 else f'chunk {args.chunk_idx}'})")
-    lines.append(f"  would write: {os.path.join(out, name)} and {os.path.join(out, ev.samples_file_name(run_config))}"
+    lines.append(f"  would write: {os.path.join(out, name)} and {os.path.join(out, samples_file_name(run_config))}"
                  + (" (starting over: --overwrite)" if args.overwrite else " (resuming if present)"))
     return "\n".join(lines)
 
@@ -340,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ev.ConfigurationMismatch, ev.EvaluationError, ValueError) as exc:
+    except (ConfigurationMismatch, EvaluationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -355,7 +362,7 @@ class Inputs:
     questions: QuestionSet
     image_folder: str | None
     problems: list[str]  # questions that cannot be evaluated (malformed entries, missing images)
-    spec: ev.ModelSpec
+    spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
 
@@ -377,9 +384,9 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     if problems and args.on_error == "fail":
         raise UsageError(f"{len(problems)} bad questions (--on-error fail): " + "; ".join(problems[:5]))
     try:
-        spec = ev.inspect_model_path(args.model_path)
-        device = ev.resolve_device(args.device)
-        dtype = ev.resolve_dtype(args.dtype, device)
+        spec = inspect_model_path(args.model_path)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if args.model_base is not None and spec.format != "original":
@@ -388,18 +395,18 @@ def prepare_inputs(args: argparse.Namespace) -> Inputs:
     return Inputs(questions, image_folder, problems, spec, device, dtype)
 
 
-def fit_to_model(args: argparse.Namespace, run_config: ev.RunConfig, spec: ev.ModelSpec,
+def fit_to_model(args: argparse.Namespace, run_config: RunConfig, spec: ModelSpec,
                  flag_names: dict[str, str] | None = None) -> None:
     """Take the checkpoint's image preprocessing unless `--image-aspect-ratio` was given, and check the FastV
     settings against the model's layers and image tokens (`UsageError`)."""
     if args.image_aspect_ratio is None and spec.image_aspect_ratio in ("pad", "crop"):
         run_config.image_aspect_ratio = spec.image_aspect_ratio
-    inconsistent = ev.check_run(spec.num_layers, spec.num_image_tokens, run_config)
+    inconsistent = check_run(spec.num_layers, spec.num_image_tokens, run_config)
     if inconsistent:
         raise UsageError(_flag_names("; ".join(inconsistent), flag_names))
 
 
-def note_input_warnings(run_config: ev.RunConfig, spec: ev.ModelSpec, problems: list[str]) -> None:
+def note_input_warnings(run_config: RunConfig, spec: ModelSpec, problems: list[str]) -> None:
     """Print the notes about a span flag that disagrees with the model and about questions that cannot run."""
     expected = run_config.fastv and run_config.fastv.image_token_length
     if expected is not None and spec.num_image_tokens is not None and expected != spec.num_image_tokens:
@@ -445,14 +452,14 @@ def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
         warnings.filterwarnings("once", message="FastV: ")
         failure = None
         try:
-            loaded = ev.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype)
-            result = ev.evaluate(
-                loaded.model, loaded.processor, questions, run_config, args.output_dir,
-                image_folder=image_folder, model_info=loaded.info, overwrite=args.overwrite, on_error=args.on_error,
-                save_selection=args.save_selection, num_chunks=num_chunks, chunk_idx=chunk_idx,
-                num_samples=args.num_samples, answers_file=args.answers_file, command=command,
+            loaded = model_loading.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype)
+            options = RunOptions(
+                output_dir=args.output_dir, image_folder=image_folder, overwrite=args.overwrite,
+                on_error=args.on_error, save_selection=args.save_selection, num_chunks=num_chunks,
+                chunk_idx=chunk_idx, num_samples=args.num_samples, answers_file=args.answers_file, command=command,
                 progress=not args.no_progress,
             )
+            result = evaluate(loaded.model, loaded.processor, questions, run_config, options, model_info=loaded.info)
         except Exception as exc:  # noqa: BLE001 - re-raised after the other processes are released
             if state is None:
                 raise
@@ -463,15 +470,15 @@ def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
             raise failure
         if not state.is_main_process:
             return 0
-        files = [os.path.join(args.output_dir, ev.samples_file_name(run_config, num_chunks, i))
+        files = [os.path.join(args.output_dir, samples_file_name(run_config, num_chunks, i))
                  for i in range(num_chunks)]
-        result = ev.merge_chunks(files, args.output_dir, overwrite=args.overwrite, command=command)
+        result = merge_chunks(files, args.output_dir, overwrite=args.overwrite, command=command)
     if num_chunks > 1 and state is None:
-        print(ev.format_summary(result))
+        print(format_summary(result))
         print(f"  chunk {chunk_idx} of {num_chunks} written to {result['samples_path']}; when every chunk is done, "
               f"merge them: fastv-merge-chunks --output-dir {args.output_dir}")
         return 0
-    print(ev.format_summary(result, result.get("result_file")))
+    print(format_summary(result, result.get("result_file")))
     return 0
 
 

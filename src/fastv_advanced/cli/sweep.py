@@ -14,14 +14,17 @@ import sys
 import warnings
 from pathlib import Path
 
-from .. import evaluation as ev
+from .. import model_loading
 from ..embedded import ENV_VAR
+from ..evaluation import RunOptions
+from ..model_loading import LoadedModel
+from ..run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, WEIGHTED
+from ..run_files import ConfigurationMismatch
+from ..run_loop import EvaluationError
 from ..scienceqa import image_path
 from ..strategies import available_strategies
 from ..sweep import (
-    DEFAULT_ALPHA,
     DEFAULT_METHODS,
-    WEIGHTED,
     Sweep,
     SweepError,
     SweepGrid,
@@ -94,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{' '.join(DEFAULT_METHODS)})")
     grid.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], metavar="ALPHA",
                       help=f"alphas of weighted_combination; other methods have none (default: {DEFAULT_ALPHA})")
-    grid.add_argument("--ranks", nargs="+", type=int, default=[ev.GUIDE_ATTENTION_RANK], metavar="R",
+    grid.add_argument("--ranks", nargs="+", type=int, default=[GUIDE_ATTENTION_RANK], metavar="R",
                       help="image tokens kept after layer K; the guide tunes 144, 288, 432 = 25/50/75%% of 576 "
-                      f"(default: {ev.GUIDE_ATTENTION_RANK})")
-    grid.add_argument("--agg-layers", nargs="+", type=int, default=[ev.GUIDE_AGG_LAYER], metavar="K",
+                      f"(default: {GUIDE_ATTENTION_RANK})")
+    grid.add_argument("--agg-layers", nargs="+", type=int, default=[GUIDE_AGG_LAYER], metavar="K",
                       help="layers from which tokens are dropped; the guide tunes 1, 2, 4 "
-                      f"(default: {ev.GUIDE_AGG_LAYER})")
+                      f"(default: {GUIDE_AGG_LAYER})")
     grid.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also evaluate the unpruned model, scienceqa_results_baseline.json (default: on)")
     add_fastv_span_arguments(grid)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}\n(finished configurations are kept; fix the problem and re-run the same command to "
               "resume)", file=sys.stderr)
         return 1
-    except (ev.ConfigurationMismatch, ev.EvaluationError, ValueError) as exc:
+    except (ConfigurationMismatch, EvaluationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -161,11 +164,11 @@ def _print_report(sweep: Sweep | None) -> None:
         print(format_report(sweep.entries, sweep.model_loaded), flush=True)
 
 
-def _load(args: argparse.Namespace, sweep: Sweep) -> ev.LoadedModel:
+def _load(args: argparse.Namespace, sweep: Sweep) -> LoadedModel:
     todo = sum(1 for p in sweep.plan() if p.status != "done")
     print(f"loading {args.model_path} once for {todo} configurations to compute "
           f"({len(sweep.run_configs) - todo} already finished)", flush=True)
-    return ev.load_model(args.model_path, args.model_base, device=sweep.expected_info.device, dtype=args.dtype)
+    return model_loading.load_model(args.model_path, args.model_base, device=sweep.expected_info.device, dtype=args.dtype)
 
 
 def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
@@ -190,12 +193,14 @@ def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
     note_input_warnings(pruned[0] if pruned else run_configs[0], inputs.spec, inputs.problems)
     unfixable = unfixable_questions(inputs.questions, inputs.image_folder)
     command = shlex.join([sys.argv[0] or "fastv-sweep"] + list(argv if argv is not None else sys.argv[1:]))
-    sweep = Sweep(
-        run_configs, inputs.questions, Path(args.output_dir),
-        expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
-        image_folder=inputs.image_folder, unfixable=unfixable, overwrite=args.overwrite, on_error=args.on_error,
-        save_selection=args.save_selection, num_samples=args.num_samples, command=command,
+    options = RunOptions(
+        output_dir=Path(args.output_dir), image_folder=inputs.image_folder, overwrite=args.overwrite,
+        on_error=args.on_error, save_selection=args.save_selection, num_samples=args.num_samples, command=command,
         progress=not args.no_progress, log=lambda line: print(line, flush=True),
+    )
+    sweep = Sweep(
+        run_configs, inputs.questions, expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
+        options, unfixable=unfixable,
     )
     if args.dry_run:
         print(describe_sweep(args, sweep, inputs))
