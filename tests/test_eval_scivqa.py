@@ -20,9 +20,10 @@ import pytest
 from conftest import REPO_ROOT, TINY_IMAGE_TOKENS, draw_image, llava_entry, write_question_set
 from fastv_advanced import FastVConfig
 from fastv_advanced import model_loading
-from fastv_advanced.run_config import RunConfig, result_file_name, samples_file_name
+from fastv_advanced.run_config import FieldError, RunConfig, fastv_config, result_file_name, samples_file_name
 from fastv_advanced.run_files import SampleJournal
 from fastv_advanced.cli import eval_scivqa, merge_chunks
+from fastv_advanced.cli.common import flag_error
 from fastv_advanced.flops import DecoderShape, prefill_flops
 from fastv_advanced.scienceqa import file_sha256
 
@@ -403,6 +404,22 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     _, records = read_jsonl(out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.jsonl")
     assert [r["id"] for r in records] == ["10", "11", "12"] and records[-1]["error"]
     assert not (out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.json").exists()
+
+
+def test_config_errors_name_their_field_and_the_command_lines_name_their_flag():
+    with pytest.raises(FieldError) as caught:
+        fastv_config(agg_layer=0, attention_rank=8, method="max_head")
+    assert caught.value.field == "agg_layer" and str(caught.value).startswith("agg_layer=0 is invalid")
+    assert flag_error(caught.value).problems == [caught.value.for_flag("--fast-v-agg-layer")]
+    assert caught.value.for_flag("--agg-layers").startswith("--agg-layers 0 is invalid")
+    with pytest.raises(FieldError) as caught:
+        fastv_config(agg_layer=2, attention_rank=8, method="maxhead")
+    assert caught.value.field == "token_selection_method"
+    assert flag_error(caught.value).problems[0].startswith("--fast-v-token-selection-method 'maxhead' is not")
+    with pytest.raises(FieldError) as caught:
+        RunConfig(max_new_tokens=0)
+    assert str(caught.value) == "max_new_tokens=0 must be an integer >= 1"
+    assert flag_error(caught.value).problems == ["--max-new-tokens 0 must be an integer >= 1"]
 
 
 def test_dry_run_checks_and_describes_without_evaluating(tiny_model_dir, question_set, tmp_path, capsys,

@@ -115,7 +115,7 @@ def evaluate(
     model_info = model_info or model_info_from(model, processor)
     problems = check_run(model_info.num_layers, model_info.num_image_tokens, run_config)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("; ".join(map(str, problems)))
     run = _plan(model, run_config, model_info, questions, options)
     journal = SampleJournal.open(run.jsonl_path, _header(run, questions, options), options.overwrite)
     todo = [q for q in run.selected if q.id not in _finished_ids(journal)]

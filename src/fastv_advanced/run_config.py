@@ -1,20 +1,21 @@
 """What one evaluation run does, and the names and identity derived from it.
 
 - `RunConfig`: the pruning (a `FastVConfig`, or None for the unpruned baseline) plus the prompt and generation
-  settings.
+  settings. `FieldError` names the field of a bad value so that a command line can name its flag.
 - `result_stem` / `result_file_name` / `samples_file_name`: the guide's file names.
 - `fingerprint_config`: everything that changes a sample's result; its hash (`run_files.fingerprint_of`) decides
   whether existing files are resumed or refused.
 - `model_config_section`: the result file's `model_config` (the guide's flag names).
 - `check_run`: a configuration against a model's layer and image-token counts.
 
-What a run derives from its `FastVConfig` is derived here: the label, the file names, the fingerprint,
-`model_config`, the model-shape checks, the hooks a run installs (`RunConfig.apply`), the FLOPs settings, the
-grid's alphas and the dry-run description.
+This is the only module around the core that builds a `FastVConfig` or reads its fields: the label, the file
+names, the fingerprint, `model_config`, the model-shape checks, the hooks a run installs (`RunConfig.apply`), the
+FLOPs settings, the grid's alphas and the dry-run description are all derived here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -34,12 +35,29 @@ WEIGHTED = "weighted_combination"
 DEFAULT_ALPHA = 0.5  # --fast-v-weighted-alpha's default: what a run of another method records
 
 
+class FieldError(ValueError):
+    """A bad value of one configuration field.
+
+    `field` is the field's name (`agg_layer`), `value` the value as the message shows it (`0`, `'maxhead'`) and
+    `problem` the rest of the message (` is invalid: ...`). `str()` is the message (by default
+    `agg_layer=0 is invalid: ...`); `for_flag("--fast-v-agg-layer")` says the same of the flag that gave the value:
+    `--fast-v-agg-layer 0 is invalid: ...`.
+    """
+
+    def __init__(self, field: str, value: str, problem: str, message: str | None = None):
+        self.field, self.value, self.problem = field, value, problem
+        super().__init__(message if message is not None else f"{field}={value}{problem}")
+
+    def for_flag(self, flag: str) -> str:
+        return f"{flag} {self.value}{self.problem}"
+
+
 @dataclass
 class RunConfig:
     """What one evaluation run does with a loaded model: FastV (None = baseline), prompt and generation settings.
 
     temperature 0 means greedy decoding. `seed` seeds the `random` strategy and sampling, per sample (mixed with the
-    question id) so that a resumed or sharded run makes the same choices.
+    question id) so that a resumed or sharded run makes the same choices. A bad value raises `FieldError`.
     """
 
     fastv: FastVConfig | None = None
@@ -53,11 +71,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         get_template(self.conv_mode)
         if self.image_aspect_ratio not in ("pad", "crop"):
-            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r}: choose 'pad' or 'crop'")
+            raise FieldError("image_aspect_ratio", repr(self.image_aspect_ratio), ": choose 'pad' or 'crop'")
         if not (self.temperature >= 0) or math.isinf(self.temperature):
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+            raise FieldError("temperature", repr(self.temperature), " must be >= 0 (0 = greedy)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+            raise FieldError("max_new_tokens", repr(self.max_new_tokens), " must be an integer >= 1")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -181,22 +199,22 @@ def model_config_section(run_config: RunConfig, model_info: ModelInfo) -> dict:
     }
 
 
-def check_run(num_layers: int | None, num_image_tokens: int | None, run_config: RunConfig) -> list[str]:
+def check_run(num_layers: int | None, num_image_tokens: int | None, run_config: RunConfig) -> list[FieldError]:
     """Inconsistencies between the pruning of `run_config` and a model's shape (empty when fine; None = unknown)."""
     fastv = run_config.fastv
     if fastv is None:
         return []
     problems = []
     if num_layers is not None and not 1 <= fastv.agg_layer < num_layers:
-        problems.append(
-            f"--fast-v-agg-layer {fastv.agg_layer} is outside [1, {num_layers - 1}]: the model has {num_layers} "
-            "decoder layers"
-        )
+        problems.append(FieldError(
+            "agg_layer", str(fastv.agg_layer),
+            f" is outside [1, {num_layers - 1}]: the model has {num_layers} decoder layers",
+        ))
     if num_image_tokens is not None and fastv.attention_rank is not None and fastv.attention_rank > num_image_tokens:
-        problems.append(
-            f"--fast-v-attention-rank {fastv.attention_rank} is larger than the model's {num_image_tokens} image "
-            f"tokens (allowed: 0 to {num_image_tokens})"
-        )
+        problems.append(FieldError(
+            "attention_rank", str(fastv.attention_rank),
+            f" is larger than the model's {num_image_tokens} image tokens (allowed: 0 to {num_image_tokens})",
+        ))
     return problems
 
 
@@ -213,11 +231,28 @@ def fastv_config(
     image_token_length: int | None = None,
     seed: int = 0,
 ) -> FastVConfig:
-    """A `FastVConfig` (`ValueError` for a bad value)."""
-    return FastVConfig(
-        agg_layer=agg_layer, attention_rank=attention_rank, token_selection_method=method,
-        weighted_alpha=alpha, sys_length=sys_length, image_token_length=image_token_length, seed=seed,
-    )
+    """A `FastVConfig`; a bad value raises `FieldError` naming the field (a plain `ValueError` for a problem of
+    no single field)."""
+    try:
+        return FastVConfig(
+            agg_layer=agg_layer, attention_rank=attention_rank, token_selection_method=method,
+            weighted_alpha=alpha, sys_length=sys_length, image_token_length=image_token_length, seed=seed,
+        )
+    except ValueError as exc:
+        raise _field_error(str(exc)) from exc
+
+
+_FASTV_FIELDS = frozenset(f.name for f in dataclasses.fields(FastVConfig))
+_FIELD_MESSAGE = re.compile(r"^(?P<field>\w+)[= ](?P<value>'[^']*'|[^\s:;,]+)(?P<problem>.*)$", re.DOTALL)
+
+
+def _field_error(message: str) -> ValueError:
+    """`FastVConfig`'s message (`agg_layer=0 is invalid: ...`, `token_selection_method 'x' is not ...`) as a
+    `FieldError` of the field it starts with; a plain `ValueError` when it starts with no field."""
+    match = _FIELD_MESSAGE.match(message)
+    if match is None or match["field"] not in _FASTV_FIELDS:
+        return ValueError(message)
+    return FieldError(match["field"], match["value"], match["problem"], message)
 
 
 def alphas_of(method: str, alphas: tuple[float, ...]) -> tuple[float, ...]:

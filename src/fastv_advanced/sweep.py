@@ -64,8 +64,8 @@ def expand_grid(
 
     Order: baseline first, then the methods in the order given, each over alpha (weighted_combination only),
     rank and K ascending as given. Methods other than weighted_combination get alpha 0.5, as a single run of them
-    does. Configurations with the same result file are kept once. `ValueError` (from `FastVConfig`) for a bad
-    value.
+    does. Configurations with the same result file are kept once. `run_config.FieldError` naming the field of a
+    bad value.
     """
     configs = [replace(template, fastv=None)] if grid.baseline else []
     for method in grid.methods:
