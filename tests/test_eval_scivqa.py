@@ -406,6 +406,55 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     assert not (out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.json").exists()
 
 
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("kind", ["file", "inside-a-file", "read-only", "sys"])
+def test_an_output_folder_that_cannot_be_written_fails_before_the_model_loads(
+    tiny_model_dir, question_set, tmp_path, capsys, no_model_load, kind
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    if kind == "file":
+        out, message = a_file, f"--output-dir {a_file} is a file, not a folder"
+    elif kind == "inside-a-file":
+        out, message = a_file / "out", f"--output-dir {a_file / 'out'} cannot be created: {a_file} is a file"
+    elif kind == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out = tmp_path / "read-only"
+        out.mkdir(mode=0o555)
+        message = f"--output-dir {out} cannot be written"
+    else:
+        out = Path("/sys/kernel")
+        if not out.is_dir():
+            pytest.skip("no /sys/kernel here")
+        message = "--output-dir /sys/kernel cannot be written"
+    assert cli(*base_args(tiny_model_dir, question_set, out, *FASTV_ARGS)) == 2
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and message in _error_lines(err)[0], err
+    assert a_file.read_text() == "my notes"
+    # The same with --dry-run: the check is one of the flag checks.
+    assert cli(*base_args(tiny_model_dir, question_set, out, *FASTV_ARGS, "--dry-run")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_input_problem_is_reported_at_once(tmp_path, capsys, no_model_load):
+    """The guide's command where nothing it names exists: one run lists every problem instead of one per run."""
+    (tmp_path / "a-file").write_text("")
+    assert cli("--model-path", tmp_path / "no-model", "--question-file", tmp_path / "nope.json",
+               "--image-folder", tmp_path / "no-images", "--single-pred-prompt", "--use-fast-v",
+               "--fast-v-attention-rank", "288", "--fast-v-agg-layer", "2", "--fast-v-token-selection-method",
+               "maxhead", "--output-dir", tmp_path / "a-file", "--num-samples", "100") == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 5, errors
+    for expected in ("--fast-v-token-selection-method 'maxhead' is not a registered strategy", "no-model does not "
+                     "exist", "question file", "nope.json does not exist", "--image-folder", "no-images does not "
+                     "exist", "a-file is a file, not a folder"):
+        assert any(expected in line for line in errors), (expected, errors)
+
+
 def test_config_errors_name_their_field_and_the_command_lines_name_their_flag():
     with pytest.raises(FieldError) as caught:
         fastv_config(agg_layer=0, attention_rank=8, method="max_head")

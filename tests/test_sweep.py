@@ -321,6 +321,15 @@ def test_bad_grid_values_fail_before_the_model_loads(tiny_model_dir, question_se
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_that_is_a_file_stops_the_sweep_before_the_model_loads(tiny_model_dir, question_set,
+                                                                                 tmp_path, capsys, no_model_load):
+    out = tmp_path / "results"
+    out.write_text("my notes")
+    assert sweep(*data_args(tiny_model_dir, question_set, out, *GRID)) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --output-dir {out} is a file, not a folder"]
+    assert out.read_text() == "my notes"
+
+
 def test_files_of_another_configuration_stop_the_sweep_before_anything_runs(tiny_model_dir, question_set,
                                                                             tmp_path, capsys, no_model_load):
     out = tmp_path / "out"

@@ -2,11 +2,11 @@
 printed.
 
 - Argument groups: `add_data_arguments`, `add_prompt_arguments`, `add_fastv_span_arguments`, `add_run_arguments`.
-- Errors: `UsageError` is a problem found before evaluation (exit status 2); `flag_error` turns a
+- Errors: `UsageError` carries every problem found before evaluation (exit status 2); `flag_error` turns a
   configuration's `FieldError` into the message of the flag that gave the value (`FLAG_OF_FIELD`, or a command's
   own mapping such as the sweep's `--ranks`).
-- `check_inputs(args, build_run_configs, flags)`: the flags, the question file and its images, the model path and
-  the device, all checked before any weights load.
+- `check_inputs(args, build_run_configs, flags)`: the flags, the model path, the device, the question file and its
+  images, and the output folder, all checked before any weights load, every problem reported at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -186,6 +188,25 @@ class Inputs:
     dtype: torch.dtype
 
 
+class _Problems:
+    """The problems of a command's inputs, collected so that all of them are reported at once."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def attempt(self, check: Callable[[], object]):
+        """`check()`'s value, or None after noting the problems of its `UsageError`."""
+        try:
+            return check()
+        except UsageError as exc:
+            self.messages += exc.problems
+            return None
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise UsageError(*self.messages)
+
+
 def resolve_paths(args: argparse.Namespace) -> None:
     """Apply `FASTV_EMBEDDED=1`, printing what it replaces."""
     args.model_path, args.question_file, args.image_folder, notice = resolve_embedded(
@@ -198,33 +219,44 @@ def resolve_paths(args: argparse.Namespace) -> None:
 def check_inputs(
     args: argparse.Namespace, build_run_configs: Callable[[], list[RunConfig]], flags: Mapping[str, str]
 ) -> tuple[list[RunConfig], Inputs]:
-    """The run configurations and the checked inputs; `UsageError` for the first problem found: flags, the
-    configurations (`build_run_configs()` raising `UsageError`), the question file and images, the model path,
-    device and dtype, and each configuration against the model's shape (`flags` names the flag of a configuration
-    field). Nothing heavy loads."""
-    _check_general_flags(args)
-    run_configs = build_run_configs()
-    questions, image_folder, bad_questions = _prepare_questions(args)
+    """The run configurations and the checked inputs; `UsageError` listing every problem found: flags, the
+    configurations (`build_run_configs()` raising `UsageError`), the model path, device and dtype, the question
+    file and images, the output folder, and each configuration against the model's shape (`flags` names the flag
+    of a configuration field). Nothing heavy loads and nothing is written."""
+    problems = _Problems()
+    problems.attempt(lambda: _check_general_flags(args))
+    run_configs = problems.attempt(build_run_configs)
+    spec = problems.attempt(lambda: _inspect_model(args))
+    device_dtype = problems.attempt(lambda: _device_and_dtype(args))
+    data = problems.attempt(lambda: _prepare_questions(args))
+    problems.attempt(lambda: _check_output_paths(args))
+    if spec is not None and run_configs is not None:
+        for run_config in run_configs:
+            problems.attempt(lambda: fit_to_model(args, run_config, spec, flags))
+    bad_questions = data[2] if data is not None else []
     if bad_questions and args.on_error == "fail":
-        raise UsageError(f"{len(bad_questions)} bad questions (--on-error fail): " + "; ".join(bad_questions[:5]))
-    spec = _inspect_model(args)
-    device, dtype = _device_and_dtype(args)
-    for run_config in run_configs:
-        fit_to_model(args, run_config, spec, flags)
-    return run_configs, Inputs(questions, image_folder, bad_questions, spec, device, dtype)
+        problems.messages.append(
+            f"{len(bad_questions)} bad questions (--on-error fail): " + "; ".join(bad_questions[:5])
+        )
+    problems.raise_any()
+    questions, image_folder, _ = data
+    return run_configs, Inputs(questions, image_folder, bad_questions, spec, *device_dtype)
 
 
 def _check_general_flags(args: argparse.Namespace) -> None:
+    problems = []
     if args.num_samples is not None and args.num_samples < 1:
-        raise UsageError(f"--num-samples {args.num_samples} must be >= 1 (leave it out for all questions)")
+        problems.append(f"--num-samples {args.num_samples} must be >= 1 (leave it out for all questions)")
     num_chunks, chunk_idx = getattr(args, "num_chunks", 1), getattr(args, "chunk_idx", 0)
     if num_chunks < 1:
-        raise UsageError(f"--num-chunks {num_chunks} must be >= 1")
-    if not 0 <= chunk_idx < num_chunks:
-        raise UsageError(f"--chunk-idx {chunk_idx} must be in [0, {num_chunks - 1}] for --num-chunks {num_chunks}")
+        problems.append(f"--num-chunks {num_chunks} must be >= 1")
+    elif not 0 <= chunk_idx < num_chunks:
+        problems.append(f"--chunk-idx {chunk_idx} must be in [0, {num_chunks - 1}] for --num-chunks {num_chunks}")
     if num_chunks > 1 and launched_processes() > 1:
-        raise UsageError("--num-chunks/--chunk-idx and a multi-process launch (accelerate) both shard the questions; "
-                         "use one of them")
+        problems.append("--num-chunks/--chunk-idx and a multi-process launch (accelerate) both shard the questions; "
+                        "use one of them")
+    if problems:
+        raise UsageError(*problems)
 
 
 def _inspect_model(args: argparse.Namespace) -> ModelSpec:
@@ -252,11 +284,12 @@ def _prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | Non
     """The selected questions, the image folder and the questions that cannot be evaluated (malformed entries,
     missing images)."""
     if args.question_file is None:
-        raise UsageError(f"--question-file is required (or set {ENV_VAR}=1 for the embedded sample)")
+        raise UsageError(f"--question-file is required (or set {ENV_VAR}=1 for the embedded sample)",
+                         *_missing_folder(args.image_folder))
     try:
         questions = load_questions(args.question_file, args.split).head(args.num_samples)
     except DataError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(str(exc), *_missing_folder(args.image_folder)) from exc
     if len(questions) == 0:
         raise UsageError(f"--question-file {args.question_file} holds no questions")
     image_folder = args.image_folder
@@ -269,6 +302,51 @@ def _prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | Non
         raise UsageError(f"--image-folder {image_folder} does not exist ({with_images} questions need images)")
     bad = [q.error for q in questions.questions if q.error] + missing_images(questions.questions, image_folder)
     return questions, image_folder, bad
+
+
+def _missing_folder(image_folder: str | None) -> list[str]:
+    """The problem of a given `--image-folder` that does not exist, judged without the questions."""
+    if image_folder is not None and not os.path.isdir(image_folder):
+        return [f"--image-folder {image_folder} does not exist"]
+    return []
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    problems = [folder_problem(args.output_dir, "--output-dir")]
+    answers_file = getattr(args, "answers_file", None)
+    if answers_file is not None:
+        if os.path.isdir(answers_file):
+            problems.append(f"--answers-file {answers_file} is a folder, not a file")
+        else:
+            problems.append(folder_problem(os.path.dirname(os.path.abspath(answers_file)), "--answers-file's folder"))
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise UsageError(*problems)
+
+
+def folder_problem(folder: str | os.PathLike, flag: str) -> str | None:
+    """Why files cannot be written into `folder` (given by `flag`), None when they can.
+
+    A folder that does not exist yet is judged by its nearest existing parent (the run creates it). Nothing is
+    created: writability is probed with a temporary file that is removed at once (permissions alone do not tell,
+    e.g. for root on a read-only or virtual file system such as /sys).
+    """
+    path = Path(os.path.abspath(folder))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
+            return f"{flag} {folder} is a file, not a folder"
+        return f"{flag} {folder} cannot be created: {existing} is a file"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".fastv-write-check-", dir=existing)
+    except OSError as exc:
+        where = "" if existing == path else f" (it would be created in {existing})"
+        return f"{flag} {folder} cannot be written{where}: {exc.strerror or exc}"
+    os.close(handle)
+    os.unlink(probe)
+    return None
 
 
 def fit_to_model(args: argparse.Namespace, run_config: RunConfig, spec: ModelSpec,

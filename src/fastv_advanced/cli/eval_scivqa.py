@@ -1,8 +1,9 @@
 """`fastv-eval-scivqa` (also `python ./src/HiMAP/inference/eval_scivqa.py`): ScienceQA with or without FastV.
 
-Thin command line over `fastv_advanced.evaluation`: parse and check the flags, the question file and the model
-path before loading anything heavy, then load the model once and run `evaluate`. Under `accelerate launch` (or
-torchrun) each process evaluates its shard of the questions and the main process merges the shards.
+Thin command line over `fastv_advanced.evaluation`: parse and check the flags, the question file, the model path
+and the output folder before loading anything heavy (every problem reported at once), then load the model once
+and run `evaluate`. Under `accelerate launch` (or torchrun) each process evaluates its shard of the questions and
+the main process merges the shards.
 """
 
 from __future__ import annotations
@@ -88,13 +89,14 @@ def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tup
     notes = []
     fastv = None
     if args.use_fast_v:
-        for flag in ("fast_v_attention_rank", "fast_v_agg_layer"):
-            if getattr(args, flag) is None:
-                raise UsageError(
-                    f"--use-fast-v needs --{flag.replace('_', '-')} (the guide uses "
-                    f"{'288' if 'rank' in flag else '2'}); it has no default, so that a missing flag cannot "
-                    "silently become 0"
-                )
+        missing = [flag for flag in ("fast_v_attention_rank", "fast_v_agg_layer") if getattr(args, flag) is None]
+        if missing:
+            raise UsageError(*(
+                f"--use-fast-v needs --{flag.replace('_', '-')} (the guide uses "
+                f"{'288' if 'rank' in flag else '2'}); it has no default, so that a missing flag cannot "
+                "silently become 0"
+                for flag in missing
+            ))
         if not uses_alpha(args.fast_v_token_selection_method) and args.fast_v_weighted_alpha != DEFAULT_ALPHA:
             notes.append(
                 f"--fast-v-weighted-alpha {args.fast_v_weighted_alpha} is ignored by "
