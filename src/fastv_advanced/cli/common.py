@@ -1,5 +1,5 @@
-"""What `eval_scivqa.py` and `fastv-sweep` share: flags, the checks before the model loads, how problems are
-printed.
+"""What `eval_scivqa.py` and `fastv-sweep` share: flags, the checks before the model loads, how problems and
+FastV's notices are printed.
 
 - Argument groups: `add_data_arguments`, `add_prompt_arguments`, `add_fastv_span_arguments`, `add_run_arguments`.
 - Errors: `UsageError` carries every problem found before evaluation (exit status 2); `flag_error` turns a
@@ -7,6 +7,7 @@ printed.
   own mapping such as the sweep's `--ranks`).
 - `check_inputs(args, build_run_configs, flags)`: the flags, the model path, the device, the question file and its
   images, and the output folder, all checked before any weights load, every problem reported at once.
+- `fastv_notices()`: FastV's warnings (`FastV: ...`) shown once each as a `notice:` line above the progress bars.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import shlex
 import sys
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -389,3 +392,32 @@ def describe_inputs(inputs: Inputs) -> list[str]:
         + (f"\n    ... and {len(problems) - 10} more" if len(problems) > 10 else ""),
     ]
 
+
+# -- while running --------------------------------------------------------------------------------------------------
+
+FASTV_WARNING_PREFIX = "FastV:"
+
+
+@contextmanager
+def fastv_notices():
+    """Show each distinct warning whose message starts with `FastV:` once, as a `notice: FastV: ...` line on
+    stderr written above any progress bar; other warnings are shown as usual. Restores the warning settings on
+    exit. (The "once" filter alone does not do it: every progress bar mutates the warning filters, which resets
+    the registry it uses.)"""
+    from tqdm import tqdm
+
+    seen: set[str] = set()
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_once(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if not text.startswith(FASTV_WARNING_PREFIX):
+                show(message, category, filename, lineno, file, line)
+            elif text not in seen:
+                seen.add(text)
+                tqdm.write(f"notice: {text}", file=sys.stderr)
+
+        warnings.filterwarnings("always", message=FASTV_WARNING_PREFIX)
+        warnings.showwarning = show_once
+        yield

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from datetime import timedelta
 
 import torch
@@ -38,6 +37,7 @@ from .common import (
     check_inputs,
     command_line,
     describe_inputs,
+    fastv_notices,
     flag_error,
     launched_processes,
     note_input_warnings,
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     defaults = {action.dest: action.default for action in parser._actions}
     try:
-        return _main(args, defaults, argv)
+        with fastv_notices():
+            return _main(args, defaults, argv)
     except UsageError as exc:
         print_problems(exc)
         return 2
@@ -224,16 +225,14 @@ def _evaluate_shard(args: argparse.Namespace, run_config: RunConfig, inputs: Inp
     the others (also when one failed, whose error is then raised) and the main process merges the shards; the
     others return None."""
     failure = None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("once", message="FastV: ")
-        try:
-            loaded = model_loading.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype)
-            result = evaluate(loaded.model, loaded.processor, inputs.questions, run_config, options,
-                              model_info=loaded.info)
-        except Exception as exc:  # noqa: BLE001 - re-raised after the other processes are released
-            if state is None:
-                raise
-            failure = exc
+    try:
+        loaded = model_loading.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype)
+        result = evaluate(loaded.model, loaded.processor, inputs.questions, run_config, options,
+                          model_info=loaded.info)
+    except Exception as exc:  # noqa: BLE001 - re-raised after the other processes are released
+        if state is None:
+            raise
+        failure = exc
     if state is None:
         return result
     state.wait_for_everyone()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from .. import model_loading
@@ -35,6 +34,7 @@ from .common import (
     check_inputs,
     command_line,
     describe_inputs,
+    fastv_notices,
     flag_error,
     note_input_warnings,
     print_problems,
@@ -108,11 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sweep = None
     try:
-        sweep = _prepare(args, argv)
-        if sweep is None:  # dry run
-            return 0
-        with warnings.catch_warnings():
-            _fastv_warnings_once()
+        with fastv_notices():
+            sweep = _prepare(args, argv)
+            if sweep is None:  # dry run
+                return 0
             sweep.run(lambda: _load(args, sweep))
     except UsageError as exc:
         print_problems(exc)
@@ -132,24 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     _print_report(sweep)
     return 0
-
-
-def _fastv_warnings_once() -> None:
-    """Show each distinct FastV warning once for the whole sweep (call inside `catch_warnings`). The "once" action
-    alone does not do it: every progress bar mutates the warning filters, which resets the registry it uses."""
-    seen: set[str] = set()
-    show = warnings.showwarning
-
-    def show_once(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if text.startswith("FastV: "):
-            if text in seen:
-                return
-            seen.add(text)
-        show(message, category, filename, lineno, file, line)
-
-    warnings.filterwarnings("always", message="FastV: ")
-    warnings.showwarning = show_once
 
 
 def _print_report(sweep: Sweep | None) -> None:
