@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO_ROOT, TINY_IMAGE_TOKENS, draw_image, llava_entry, write_question_set
 from fastv_advanced import FastVConfig
 from fastv_advanced import model_loading
+from fastv_advanced.metrics import format_failures
 from fastv_advanced.run_config import FieldError, RunConfig, fastv_config, result_file_name, samples_file_name
 from fastv_advanced.run_files import SampleJournal
 from fastv_advanced.cli import eval_scivqa, merge_chunks
@@ -390,6 +391,10 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     assert "50/image.png of question '50' does not exist" in errors["50"]
     assert "entry 6 (id '51')" in errors["51"] and "conversations[1]" in errors["51"]
     assert "errors 3" in captured.out
+    # The summary names the failed samples (only the JSONL did before).
+    assert "3 samples could not be evaluated" in captured.out
+    assert "11/image.png of question '11' cannot be read" in captured.out
+    assert "50/image.png of question '50' does not exist" in captured.out and "entry 6 (id '51')" in captured.out
 
     # Fixed image, same command: only the failed samples are retried.
     draw_image(images / "11" / "image.png", 1)
@@ -406,6 +411,15 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     _, records = read_jsonl(out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.jsonl")
     assert [r["id"] for r in records] == ["10", "11", "12"] and records[-1]["error"]
     assert not (out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.json").exists()
+
+
+def test_the_summary_names_a_few_failed_samples_then_counts_the_rest():
+    failed = [f"image {i}/image.png of question '{i}' cannot be read" for i in range(5)]
+    lines = format_failures(failed)
+    assert lines[0].strip() == "failed        5 samples could not be evaluated (counted wrong):"
+    assert [line.strip() for line in lines[1:4]] == [f"- {message}" for message in failed[:3]]
+    assert lines[4].strip().startswith("... and 2 more") and len(lines) == 5
+    assert format_failures([]) == []
 
 
 def _error_lines(err: str) -> list[str]:

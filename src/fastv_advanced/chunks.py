@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .flops import DecoderShape
-from .metrics import build_result, summarize
+from .metrics import build_result, failures, summarize
 from .run_config import RunConfig
 from .run_files import ConfigurationMismatch, SampleJournal, check_result_file, differences
 from .run_files import write_json_atomic, write_lines_atomic
@@ -57,7 +57,8 @@ def merge_chunks(
 
     Every chunk of the run must be there, with the same fingerprint, and complete (each id of its selection has
     a record) unless `allow_partial`. Writes into `output_dir` (default: the first chunk's folder). Returns the
-    result dict, plus `result_file`, which is not in the file.
+    result dict, plus `result_file` and `failures` (the messages of the samples that could not be evaluated),
+    which are not in the file.
     """
     chunks = _read_chunks(paths)
     first = chunks[0]
@@ -84,6 +85,7 @@ def merge_chunks(
     )
     write_json_atomic(result_path, result)
     result["result_file"] = str(result_path)
+    result["failures"] = failures(records)
     return result
 
 

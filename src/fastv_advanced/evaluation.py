@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .flops import DecoderShape
-from .metrics import build_result, summarize
+from .metrics import build_result, failures, summarize
 from .model_loading import ModelInfo, model_info_from
 from .run_config import (
     RESULT_FORMAT,
@@ -107,8 +107,8 @@ def evaluate(
     atomically. With `num_chunks > 1` only the chunk's JSONL `<stem>.chunk{i}of{n}.jsonl` is written; merge them
     with `chunks.merge_chunks`. Raises `ConfigurationMismatch` before evaluating anything when existing files belong
     to another configuration, `EvaluationError` on a bad sample with `on_error="fail"`, `ValueError` when the
-    configuration does not fit the model. The returned dict is the result file's content plus `samples_path` and,
-    when written, `result_file`.
+    configuration does not fit the model. The returned dict is the result file's content plus `samples_path`,
+    `failures` (the messages of the samples that could not be evaluated) and, when written, `result_file`.
     """
     options = options or RunOptions()
     started = time.time()
@@ -202,6 +202,7 @@ def _finish(run: _Run, journal: SampleJournal, options: RunOptions, started: flo
         write_json_atomic(run.result_path, result)
         result["result_file"] = str(run.result_path)
     result["samples_path"] = str(run.jsonl_path)
+    result["failures"] = failures(records)
     return result
 
 

@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from .flops import DecoderShape
 from .run_config import RESULT_FORMAT, RunConfig
 
+FAILURES_SHOWN = 3  # failed samples named in the printed summary before "... and N more"
+
 FLOPS_METHOD = (
     "theoretical decoder prefill FLOPs per sample from the model's shape and the sample's real "
     "token counts: K*f(n) + (L-K)*f(n'), f(n) = 2*(n*d*(2*q+2*kv) + 2*n^2*q + 3*n*d*m) (SwiGLU, GQA); "
@@ -118,6 +120,12 @@ def _flops(ok: list[dict], run_config: RunConfig, shape: DecoderShape) -> dict:
     }
 
 
+def failures(records: list[dict]) -> list[str]:
+    """The error messages of the records that could not be evaluated, in record order (each names the question
+    and, for an image, its file)."""
+    return [r["error"] for r in records if r.get("error") is not None]
+
+
 def build_result(summary: dict, header: dict, *, jsonl_name: str, started: float | None, extra: dict | None = None):
     """The result file's content: the summary, then what the run was (configuration, data, environment).
 
@@ -149,8 +157,9 @@ def build_result(summary: dict, header: dict, *, jsonl_name: str, started: float
     return result
 
 
-def format_summary(result: dict, result_path: str | None = None) -> str:
-    """A short printable summary of a result."""
+def format_summary(result: dict, result_path: str | None = None, failed: list[str] = ()) -> str:
+    """A short printable summary of a result; `failed` (the messages of `failures`) names the samples that could
+    not be evaluated: the first few, then how many more."""
 
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
@@ -161,6 +170,7 @@ def format_summary(result: dict, result_path: str | None = None) -> str:
         + ("" if result.get("complete", True) else " (INCOMPLETE)"),
         f"  accuracy      {result['accuracy']:.4f}  ({result['correct_samples']}/{result['total_samples']} correct; "
         f"parse failures {result['parse_failures']}; errors {result['errors']})",
+        *format_failures(failed),
         f"  latency       prefill mean {fmt(latency['prefill_mean'])} s, median {fmt(latency['prefill_median'])} s; "
         f"generate mean {fmt(latency['generate_mean'])} s, median {fmt(latency['generate_median'])} s "
         f"({latency['timed_samples']} timed, {latency['warmup_samples_excluded']} warm-up excluded)",
@@ -175,3 +185,13 @@ def format_summary(result: dict, result_path: str | None = None) -> str:
         lines.append(f"  results       {result_path} (per sample: {result.get('samples_file')})")
     return "\n".join(lines)
 
+
+def format_failures(failed: list[str], shown: int = FAILURES_SHOWN) -> list[str]:
+    """Summary lines naming the first `shown` failed samples and counting the rest (none when nothing failed)."""
+    if not failed:
+        return []
+    lines = [f"  failed        {len(failed)} samples could not be evaluated (counted wrong):"]
+    lines += [f"    - {message}" for message in failed[:shown]]
+    if len(failed) > shown:
+        lines.append(f"    ... and {len(failed) - shown} more (the per-sample JSONL has every error)")
+    return lines

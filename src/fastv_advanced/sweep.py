@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from .evaluation import RunOptions, evaluate
+from .metrics import format_failures
 from .model_loading import LoadedModel, ModelInfo, ModelSpec
 from .run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, RunConfig, alphas_of, fastv_config
 from .run_config import fingerprint_config, result_file_name, samples_file_name
@@ -304,6 +305,8 @@ class Sweep:
             + ("n/a" if latency is None else f"{latency:.3f} s")
             + f", FLOPs ratio {result['flops_info']['flops_ratio']:.4f}"
         )
+        for line in format_failures(result["failures"]):
+            log(line)
 
 
 def format_report(entries: list[SweepEntry], model_loaded: bool) -> str:

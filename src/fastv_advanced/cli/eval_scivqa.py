@@ -195,11 +195,11 @@ def _main(args: argparse.Namespace, defaults: dict, argv) -> int:
     if result is None:  # a process of a multi-process launch other than the main one
         return 0
     if options.num_chunks > 1 and state is None:
-        print(format_summary(result))
+        print(format_summary(result, failed=result["failures"]))
         print(f"  chunk {options.chunk_idx} of {options.num_chunks} written to {result['samples_path']}; when every "
               f"chunk is done, merge them: fastv-merge-chunks --output-dir {args.output_dir}")
         return 0
-    print(format_summary(result, result.get("result_file")))
+    print(format_summary(result, result.get("result_file"), result["failures"]))
     return 0
 
 

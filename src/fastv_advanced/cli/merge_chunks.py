@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(format_summary(result, result["result_file"]))
+        print(format_summary(result, result["result_file"], result["failures"]))
     return status
 
 
