@@ -471,6 +471,16 @@ def test_every_input_problem_is_reported_at_once(tmp_path, capsys, no_model_load
         assert any(expected in line for line in errors), (expected, errors)
 
 
+def test_no_progress_also_hides_the_loading_bar(tiny_model_dir, question_set, tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    assert cli(*base_args(tiny_model_dir, question_set, tmp_path / "out", "--num-samples", "1")) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert transformers_logging.is_progress_bar_enabled() == enabled  # restored for whoever loads next
+
+
 def test_config_errors_name_their_field_and_the_command_lines_name_their_flag():
     with pytest.raises(FieldError) as caught:
         fastv_config(agg_layer=0, attention_rank=8, method="max_head")

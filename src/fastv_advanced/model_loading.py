@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -188,14 +189,18 @@ def load_model(
     model_base: str | None = None,
     device: str | torch.device = "auto",
     dtype: str = "auto",
+    *,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a LLaVA for evaluation: transformers format via `AutoProcessor` + `LlavaForConditionalGeneration`
     (SDPA for text and vision, PIL image processor, local folders never touch the network), or an original-format
-    checkpoint through `original_checkpoint.load_original_checkpoint`."""
+    checkpoint through `original_checkpoint.load_original_checkpoint`. `progress=False` hides transformers'
+    progress bars (`Loading weights`) while loading."""
     spec = inspect_model_path(model_path)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    model, processor = _load_weights(model_path, spec, model_base, device, torch_dtype)
+    with _transformers_progress_bars(progress):
+        model, processor = _load_weights(model_path, spec, model_base, device, torch_dtype)
     model.eval()
     config_ratio = spec.image_aspect_ratio
     if spec.format == "original":
@@ -213,6 +218,24 @@ def load_model(
         image_aspect_ratio=config_ratio,
     )
     return LoadedModel(model, processor, info)
+
+
+@contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """transformers' (and the hub's) progress bars on or off for the block, then as they were."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if enabled == was_enabled:
+        yield
+        return
+    switch = transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar
+    restore = transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar
+    switch()
+    try:
+        yield
+    finally:
+        restore()
 
 
 def _load_weights(model_path: str, spec: ModelSpec, model_base: str | None, device: torch.device,

@@ -155,7 +155,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = Tru
                      "fail = stop")
     run.add_argument("--dry-run", action="store_true", help="check CUDA, the model path, the data files and images "
                      "and the flags, print what the run would do, and exit without evaluating")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar (nor transformers' loading bars)")
     return run
 
 

@@ -226,7 +226,8 @@ def _evaluate_shard(args: argparse.Namespace, run_config: RunConfig, inputs: Inp
     others return None."""
     failure = None
     try:
-        loaded = model_loading.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype)
+        loaded = model_loading.load_model(args.model_path, args.model_base, device=device, dtype=args.dtype,
+                                          progress=options.progress)
         result = evaluate(loaded.model, loaded.processor, inputs.questions, run_config, options,
                           model_info=loaded.info)
     except Exception as exc:  # noqa: BLE001 - re-raised after the other processes are released

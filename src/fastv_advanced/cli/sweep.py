@@ -143,7 +143,7 @@ def _load(args: argparse.Namespace, sweep: Sweep) -> LoadedModel:
     print(f"loading {args.model_path} once for {todo} configurations to compute "
           f"({len(sweep.run_configs) - todo} already finished)", flush=True)
     return model_loading.load_model(args.model_path, args.model_base, device=sweep.expected_info.device,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, progress=not args.no_progress)
 
 
 def _grid_run_configs(args: argparse.Namespace) -> list[RunConfig]:
