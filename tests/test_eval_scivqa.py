@@ -471,6 +471,22 @@ def test_every_input_problem_is_reported_at_once(tmp_path, capsys, no_model_load
         assert any(expected in line for line in errors), (expected, errors)
 
 
+def test_embedded_setting_without_the_embedded_files_says_where_they_are(tmp_path, monkeypatch, capsys,
+                                                                       no_model_load):
+    """An installed package (not a source checkout) has no embedded model or data: say so in one line."""
+    from fastv_advanced import embedded
+
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(embedded, "MODEL_PATH", site / "models" / "tiny-llava-scienceqa")
+    monkeypatch.setattr(embedded, "QUESTION_FILE", site / "data" / "scienceqa" / "himap-inference-MCQ.json")
+    monkeypatch.setattr(embedded, "IMAGE_FOLDER", site / "data" / "scienceqa" / "images" / "test")
+    monkeypatch.setenv("FASTV_EMBEDDED", "1")
+    assert cli("--model-path", "liuhaotian/llava-v1.5-7b", "--single-pred-prompt", "--output-dir", tmp_path) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "source checkout" in errors[0] and "pip install -e ." in errors[0], errors
+    assert "tiny-llava-scienceqa" in errors[0]
+
+
 def test_no_progress_also_hides_the_loading_bar(tiny_model_dir, question_set, tmp_path, capsys):
     from transformers.utils import logging as transformers_logging
 

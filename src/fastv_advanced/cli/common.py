@@ -211,12 +211,22 @@ class _Problems:
 
 
 def resolve_paths(args: argparse.Namespace) -> None:
-    """Apply `FASTV_EMBEDDED=1`, printing what it replaces."""
+    """Apply `FASTV_EMBEDDED=1`, printing what it replaces; `UsageError` when this installation lacks the embedded
+    files (they ship with a source checkout, not with a wheel)."""
     args.model_path, args.question_file, args.image_folder, notice = resolve_embedded(
         args.model_path, args.question_file, args.image_folder
     )
-    if notice:
-        print(notice)
+    if not notice:
+        return
+    print(notice)
+    missing = [path for path in (args.model_path, args.question_file, args.image_folder) if not os.path.exists(path)]
+    if missing:
+        raise UsageError(
+            f"{ENV_VAR}=1, but the embedded model and data are not in this installation ({', '.join(missing)} "
+            "missing): they ship with a source checkout of the repository, not with an installed package. Run from "
+            f"a clone installed with `pip install -e .`, or unset {ENV_VAR} and pass --model-path, --question-file "
+            "and --image-folder"
+        )
 
 
 def check_inputs(
