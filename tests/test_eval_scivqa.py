@@ -19,8 +19,12 @@ import pytest
 
 from conftest import REPO_ROOT, TINY_IMAGE_TOKENS, draw_image, llava_entry, write_question_set
 from fastv_advanced import FastVConfig
-from fastv_advanced import evaluation as ev
+from fastv_advanced import model_loading
+from fastv_advanced.metrics import format_failures
+from fastv_advanced.run_config import FieldError, RunConfig, fastv_config, result_file_name, samples_file_name
+from fastv_advanced.run_files import SampleJournal
 from fastv_advanced.cli import eval_scivqa, merge_chunks
+from fastv_advanced.cli.common import flag_error
 from fastv_advanced.flops import DecoderShape, prefill_flops
 from fastv_advanced.scienceqa import file_sha256
 
@@ -103,10 +107,10 @@ def test_result_file_names_follow_the_guide(fastv, name):
     if fastv is not None:
         sys.path.insert(0, str(Path(__file__).parent))
         fastv = FastVConfig(**{"agg_layer": 2, "attention_rank": 288, **fastv})
-    run_config = ev.RunConfig(fastv=fastv)
-    assert ev.result_file_name(run_config) == name
-    assert ev.samples_file_name(run_config) == name[: -len(".json")] + ".jsonl"
-    assert ev.samples_file_name(run_config, 4, 1) == name[: -len(".json")] + ".chunk1of4.jsonl"
+    run_config = RunConfig(fastv=fastv)
+    assert result_file_name(run_config) == name
+    assert samples_file_name(run_config) == name[: -len(".json")] + ".jsonl"
+    assert samples_file_name(run_config, 4, 1) == name[: -len(".json")] + ".chunk1of4.jsonl"
 
 
 # -- the guide's command --------------------------------------------------------------------------------------------
@@ -177,9 +181,11 @@ def test_guide_command_end_to_end(guide_model_dir, question_set, tmp_path):
     baseline = sum(r["baseline_prefill_flops"] for r in records)
     assert result["flops_info"]["flops_ratio"] == pytest.approx(total / baseline)
     assert 0.5 < result["flops_info"]["flops_ratio"] < 0.8
-    # The printed summary and the guide-span warning (the tiny tokenizer puts the image elsewhere than 35).
+    # The printed summary and the guide-span notice (the tiny tokenizer puts the image elsewhere than 35): one
+    # plain line, not a Python warning with its source line.
     assert "accuracy" in done.stdout and "scienceqa_results_fastv_max_head.json" in done.stdout
-    assert "sys_length=35 but the image starts at" in done.stderr
+    assert done.stderr.count("notice: FastV: sys_length=35 but the image starts at") == 1
+    assert "UserWarning" not in done.stderr and "_check_guide_span" not in done.stderr
 
 
 def test_hand_flops_match_the_flops_model():
@@ -296,11 +302,11 @@ def test_resume_after_kill_loses_nothing_and_duplicates_nothing(tiny_model_dir, 
 def test_torn_last_line_is_dropped(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('{"type": "header", "fingerprint": "x"}\n{"type": "sample", "id": "1"}\n{"type": "sam')
-    header, records = ev.SampleJournal.read(path)
+    header, records = SampleJournal.read(path)
     assert header["fingerprint"] == "x" and list(records) == ["1"]
     path.write_text('{"type": "header", "fingerprint": "x"}\n{"type": "sam\n{"type": "sample", "id": "1"}\n')
     with pytest.raises(ValueError, match=r"s.jsonl:2 is not valid JSON"):
-        ev.SampleJournal.read(path)
+        SampleJournal.read(path)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
@@ -313,7 +319,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(ev, "load_model", refuse)
+    monkeypatch.setattr(model_loading, "load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -385,6 +391,10 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     assert "50/image.png of question '50' does not exist" in errors["50"]
     assert "entry 6 (id '51')" in errors["51"] and "conversations[1]" in errors["51"]
     assert "errors 3" in captured.out
+    # The summary names the failed samples (only the JSONL did before).
+    assert "3 samples could not be evaluated" in captured.out
+    assert "11/image.png of question '11' cannot be read" in captured.out
+    assert "50/image.png of question '50' does not exist" in captured.out and "entry 6 (id '51')" in captured.out
 
     # Fixed image, same command: only the failed samples are retried.
     draw_image(images / "11" / "image.png", 1)
@@ -401,6 +411,106 @@ def test_bad_samples_are_recorded_and_counted(tiny_model_dir, tmp_path, capsys):
     _, records = read_jsonl(out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.jsonl")
     assert [r["id"] for r in records] == ["10", "11", "12"] and records[-1]["error"]
     assert not (out2 / "scienceqa_results_fastv_avg_all_heads_rank16_k2.json").exists()
+
+
+def test_the_summary_names_a_few_failed_samples_then_counts_the_rest():
+    failed = [f"image {i}/image.png of question '{i}' cannot be read" for i in range(5)]
+    lines = format_failures(failed)
+    assert lines[0].strip() == "failed        5 samples could not be evaluated (counted wrong):"
+    assert [line.strip() for line in lines[1:4]] == [f"- {message}" for message in failed[:3]]
+    assert lines[4].strip().startswith("... and 2 more") and len(lines) == 5
+    assert format_failures([]) == []
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("kind", ["file", "inside-a-file", "read-only", "sys"])
+def test_an_output_folder_that_cannot_be_written_fails_before_the_model_loads(
+    tiny_model_dir, question_set, tmp_path, capsys, no_model_load, kind
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("my notes")
+    if kind == "file":
+        out, message = a_file, f"--output-dir {a_file} is a file, not a folder"
+    elif kind == "inside-a-file":
+        out, message = a_file / "out", f"--output-dir {a_file / 'out'} cannot be created: {a_file} is a file"
+    elif kind == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        out = tmp_path / "read-only"
+        out.mkdir(mode=0o555)
+        message = f"--output-dir {out} cannot be written"
+    else:
+        out = Path("/sys/kernel")
+        if not out.is_dir():
+            pytest.skip("no /sys/kernel here")
+        message = "--output-dir /sys/kernel cannot be written"
+    assert cli(*base_args(tiny_model_dir, question_set, out, *FASTV_ARGS)) == 2
+    err = capsys.readouterr().err
+    assert len(_error_lines(err)) == 1 and message in _error_lines(err)[0], err
+    assert a_file.read_text() == "my notes"
+    # The same with --dry-run: the check is one of the flag checks.
+    assert cli(*base_args(tiny_model_dir, question_set, out, *FASTV_ARGS, "--dry-run")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_input_problem_is_reported_at_once(tmp_path, capsys, no_model_load):
+    """The guide's command where nothing it names exists: one run lists every problem instead of one per run."""
+    (tmp_path / "a-file").write_text("")
+    assert cli("--model-path", tmp_path / "no-model", "--question-file", tmp_path / "nope.json",
+               "--image-folder", tmp_path / "no-images", "--single-pred-prompt", "--use-fast-v",
+               "--fast-v-attention-rank", "288", "--fast-v-agg-layer", "2", "--fast-v-token-selection-method",
+               "maxhead", "--output-dir", tmp_path / "a-file", "--num-samples", "100") == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 5, errors
+    for expected in ("--fast-v-token-selection-method 'maxhead' is not a registered strategy", "no-model does not "
+                     "exist", "question file", "nope.json does not exist", "--image-folder", "no-images does not "
+                     "exist", "a-file is a file, not a folder"):
+        assert any(expected in line for line in errors), (expected, errors)
+
+
+def test_embedded_setting_without_the_embedded_files_says_where_they_are(tmp_path, monkeypatch, capsys,
+                                                                       no_model_load):
+    """An installed package (not a source checkout) has no embedded model or data: say so in one line."""
+    from fastv_advanced import embedded
+
+    site = tmp_path / "site-packages"
+    monkeypatch.setattr(embedded, "MODEL_PATH", site / "models" / "tiny-llava-scienceqa")
+    monkeypatch.setattr(embedded, "QUESTION_FILE", site / "data" / "scienceqa" / "himap-inference-MCQ.json")
+    monkeypatch.setattr(embedded, "IMAGE_FOLDER", site / "data" / "scienceqa" / "images" / "test")
+    monkeypatch.setenv("FASTV_EMBEDDED", "1")
+    assert cli("--model-path", "liuhaotian/llava-v1.5-7b", "--single-pred-prompt", "--output-dir", tmp_path) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "source checkout" in errors[0] and "pip install -e ." in errors[0], errors
+    assert "tiny-llava-scienceqa" in errors[0]
+
+
+def test_no_progress_also_hides_the_loading_bar(tiny_model_dir, question_set, tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    assert cli(*base_args(tiny_model_dir, question_set, tmp_path / "out", "--num-samples", "1")) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err, err
+    assert transformers_logging.is_progress_bar_enabled() == enabled  # restored for whoever loads next
+
+
+def test_config_errors_name_their_field_and_the_command_lines_name_their_flag():
+    with pytest.raises(FieldError) as caught:
+        fastv_config(agg_layer=0, attention_rank=8, method="max_head")
+    assert caught.value.field == "agg_layer" and str(caught.value).startswith("agg_layer=0 is invalid")
+    assert flag_error(caught.value).problems == [caught.value.for_flag("--fast-v-agg-layer")]
+    assert caught.value.for_flag("--agg-layers").startswith("--agg-layers 0 is invalid")
+    with pytest.raises(FieldError) as caught:
+        fastv_config(agg_layer=2, attention_rank=8, method="maxhead")
+    assert caught.value.field == "token_selection_method"
+    assert flag_error(caught.value).problems[0].startswith("--fast-v-token-selection-method 'maxhead' is not")
+    with pytest.raises(FieldError) as caught:
+        RunConfig(max_new_tokens=0)
+    assert str(caught.value) == "max_new_tokens=0 must be an integer >= 1"
+    assert flag_error(caught.value).problems == ["--max-new-tokens 0 must be an integer >= 1"]
 
 
 def test_dry_run_checks_and_describes_without_evaluating(tiny_model_dir, question_set, tmp_path, capsys,

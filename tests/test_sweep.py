@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from fastv_advanced import evaluation as ev
+from fastv_advanced import model_loading, run_loop
+from fastv_advanced.run_config import RunConfig, result_file_name
 from fastv_advanced.cli import eval_scivqa
 from fastv_advanced.cli import sweep as sweep_cli
 from fastv_advanced.sweep import SweepGrid, expand_grid
@@ -60,11 +61,11 @@ def sweep(*args) -> int:
 
 
 def test_grid_order_alphas_only_for_weighted_combination_and_no_duplicates():
-    template = ev.RunConfig(single_pred_prompt=True, seed=3)
+    template = RunConfig(single_pred_prompt=True, seed=3)
     grid = SweepGrid(methods=("weighted_combination", "max_head", "max_head"), alphas=(0.7, 0.3),
                      ranks=(144, 288, 288), agg_layers=(2, 1))
     configs = expand_grid(grid, template, sys_length=35, image_token_length=576)
-    assert [ev.result_file_name(c) for c in configs] == [
+    assert [result_file_name(c) for c in configs] == [
         "scienceqa_results_baseline.json",
         "scienceqa_results_fastv_weighted_combination_alpha0.7_rank144_k2.json",
         "scienceqa_results_fastv_weighted_combination_alpha0.7_rank144_k1.json",
@@ -166,7 +167,7 @@ def test_interrupted_sweep_resumes_without_duplicates_and_skips_finished(tiny_mo
     out = tmp_path / "out"
     args = data_args(tiny_model_dir, question_set, out, *GRID)
     calls = []
-    run_sample = ev.run_sample
+    run_sample = run_loop.run_sample
 
     def interrupted(ctx, question, warmup):
         calls.append(question.id)
@@ -174,7 +175,7 @@ def test_interrupted_sweep_resumes_without_duplicates_and_skips_finished(tiny_mo
             raise KeyboardInterrupt
         return run_sample(ctx, question, warmup)
 
-    monkeypatch.setattr(ev, "run_sample", interrupted)
+    monkeypatch.setattr(run_loop, "run_sample", interrupted)
     assert sweep(*args) == 130
     printed = capsys.readouterr()
     assert "interrupted: finished configurations and samples are saved" in printed.err
@@ -190,7 +191,7 @@ def test_interrupted_sweep_resumes_without_duplicates_and_skips_finished(tiny_mo
         calls.append(question.id)
         return run_sample(ctx, question, warmup)
 
-    monkeypatch.setattr(ev, "run_sample", counted)
+    monkeypatch.setattr(run_loop, "run_sample", counted)
     assert sweep(*args) == 0
     printed = capsys.readouterr().out
     assert "[1/3] baseline: already finished (6 samples, accuracy" in printed and "skipped" in printed
@@ -204,7 +205,7 @@ def test_interrupted_sweep_resumes_without_duplicates_and_skips_finished(tiny_mo
         assert result["total_samples"] == 6 and result["complete"]
 
     # Everything finished: the model is not loaded at all.
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert sweep(*args) == 0
     assert "3 skipped of 3 configurations" in capsys.readouterr().out
 
@@ -221,12 +222,12 @@ def test_errors_that_a_rerun_cannot_fix_do_not_reload_the_model(tiny_model_dir, 
     assert sweep(*args) == 0
     assert json.loads((out / "scienceqa_results_baseline.json").read_text())["errors"] == 1
     capsys.readouterr()
-    load_model = ev.load_model
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    load_model = model_loading.load_model
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert sweep(*args) == 0
     assert "already finished (6 samples, 1 recorded errors that cannot be fixed" in capsys.readouterr().out
     image.write_bytes(saved)
-    monkeypatch.setattr(ev, "load_model", load_model)
+    monkeypatch.setattr(model_loading, "load_model", load_model)
     assert sweep(*args) == 0
     assert "computing (resuming, 5 of 6 samples already done)" in capsys.readouterr().out
     assert json.loads((out / "scienceqa_results_baseline.json").read_text())["errors"] == 0
@@ -278,9 +279,12 @@ def test_sweep_files_equal_single_run_files(tiny_model_dir, question_set, tmp_pa
         assert eval_scivqa.main(data_args(tiny_model_dir, question_set, single, *common, "--use-fast-v",
                                           "--fast-v-attention-rank", "16", "--fast-v-agg-layer", "2",
                                           "--fast-v-token-selection-method", method, *extra)) == 0
+    capsys.readouterr()
     assert sweep(*data_args(tiny_model_dir, question_set, swept, *common, "--methods", "max_head",
                             "weighted_combination", "random", "--alphas", "0.3", "--ranks", "16")) == 0
-    capsys.readouterr()
+    # The guide-span mismatch is the same for every configuration: one notice line for the whole sweep.
+    err = capsys.readouterr().err
+    assert err.count("notice: FastV: sys_length=35 but the image starts at") == 1 and "UserWarning" not in err
     names = sorted(p.name for p in single.iterdir())
     assert names == sorted(p.name for p in swept.iterdir()) and len(names) == 8
     for name in names:
@@ -297,7 +301,8 @@ def test_sweep_files_equal_single_run_files(tiny_model_dir, question_set, tmp_pa
 
 @pytest.fixture()
 def no_model_load(monkeypatch):
-    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(model_loading, "load_model",
+                        lambda *a, **k: pytest.fail("the model was loaded before the error"))
 
 
 @pytest.mark.parametrize(
@@ -317,6 +322,15 @@ def test_bad_grid_values_fail_before_the_model_loads(tiny_model_dir, question_se
     assert sweep(*data_args(tiny_model_dir, question_set, tmp_path / "out", *grid)) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_stops_the_sweep_before_the_model_loads(tiny_model_dir, question_set,
+                                                                                 tmp_path, capsys, no_model_load):
+    out = tmp_path / "results"
+    out.write_text("my notes")
+    assert sweep(*data_args(tiny_model_dir, question_set, out, *GRID)) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --output-dir {out} is a file, not a folder"]
+    assert out.read_text() == "my notes"
 
 
 def test_files_of_another_configuration_stop_the_sweep_before_anything_runs(tiny_model_dir, question_set,

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,33 +99,7 @@ def inspect_model_path(model_path: str) -> ModelSpec:
     """
     path = Path(model_path).expanduser()
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"--model-path {model_path}: the folder has no config.json, so it is not a checkpoint")
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--model-path {model_path}: cannot read {config_file}: {exc}") from exc
-        module = _original_checkpoint_module()
-        original = module.is_original_checkpoint(str(path)) if module is not None else _looks_original(config)
-        if original:
-            return ModelSpec(
-                path=str(path.resolve()),
-                format="original",
-                local=True,
-                num_layers=config.get("num_hidden_layers"),
-                num_image_tokens=_vision_tokens_from_name(config.get("mm_vision_tower")),
-                image_aspect_ratio=original_preprocessing(config.get("image_aspect_ratio")),
-            )
-        from transformers import LlavaConfig
-
-        try:
-            llava = LlavaConfig.from_pretrained(str(path), local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
-            raise ValueError(f"--model-path {model_path}: config.json is not a LLaVA config: {exc}") from exc
-        return ModelSpec(
-            str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava)
-        )
+        return _inspect_folder(model_path, path)
     if model_path.startswith("liuhaotian/"):
         raise ValueError(
             f"--model-path {model_path} is an original-format LLaVA checkpoint on the Hugging Face hub and is not "
@@ -144,6 +119,37 @@ def inspect_model_path(model_path: str) -> ModelSpec:
             f"Hugging Face cache ({type(exc).__name__}: {exc}). Download it first, then pass the local folder."
         ) from exc
     return ModelSpec(model_path, "transformers", False, llava.text_config.num_hidden_layers, num_image_tokens(llava))
+
+
+def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
+    """The `ModelSpec` of a local checkpoint folder (`model_path` as given, for messages)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--model-path {model_path}: the folder has no config.json, so it is not a checkpoint")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--model-path {model_path}: cannot read {config_file}: {exc}") from exc
+    module = _original_checkpoint_module()
+    original = module.is_original_checkpoint(str(path)) if module is not None else _looks_original(config)
+    if original:
+        return ModelSpec(
+            path=str(path.resolve()),
+            format="original",
+            local=True,
+            num_layers=config.get("num_hidden_layers"),
+            num_image_tokens=_vision_tokens_from_name(config.get("mm_vision_tower")),
+            image_aspect_ratio=original_preprocessing(config.get("image_aspect_ratio")),
+        )
+    from transformers import LlavaConfig
+
+    try:
+        llava = LlavaConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
+        raise ValueError(f"--model-path {model_path}: config.json is not a LLaVA config: {exc}") from exc
+    return ModelSpec(
+        str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava)
+    )
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -179,41 +185,22 @@ def device_name(device: torch.device) -> str:
 
 
 def load_model(
-    model_path: str, model_base: str | None = None, device: str | torch.device = "auto", dtype: str = "auto"
+    model_path: str,
+    model_base: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    *,
+    progress: bool = True,
 ) -> LoadedModel:
     """Load a LLaVA for evaluation: transformers format via `AutoProcessor` + `LlavaForConditionalGeneration`
     (SDPA for text and vision, PIL image processor, local folders never touch the network), or an original-format
-    checkpoint through `original_checkpoint.load_original_checkpoint`."""
+    checkpoint through `original_checkpoint.load_original_checkpoint`. `progress=False` hides transformers'
+    progress bars (`Loading weights`) while loading."""
     spec = inspect_model_path(model_path)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if spec.format == "original":
-        module = _original_checkpoint_module()
-        if module is None:
-            raise ValueError(
-                f"--model-path {model_path} is an original-format (liuhaotian) checkpoint; loading it needs "
-                "fastv_advanced.original_checkpoint, which is not available in this installation. Convert it to the "
-                "transformers format with `fastv-convert` and pass the converted folder."
-            )
-        model, processor = module.load_original_checkpoint(
-            spec.path, model_base=model_base, dtype=torch_dtype, device=device
-        )
-    else:
-        if model_base is not None:
-            raise ValueError(
-                f"--model-base applies to original-format checkpoints (LoRA or projector-only weights); "
-                f"{model_path} is a complete transformers-format checkpoint"
-            )
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        processor = AutoProcessor.from_pretrained(spec.path, local_files_only=spec.local, backend="pil")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            spec.path,
-            dtype=torch_dtype,
-            attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
-            local_files_only=spec.local,
-        )
-        model.to(device)
+    with _transformers_progress_bars(progress):
+        model, processor = _load_weights(model_path, spec, model_base, device, torch_dtype)
     model.eval()
     config_ratio = spec.image_aspect_ratio
     if spec.format == "original":
@@ -231,6 +218,54 @@ def load_model(
         image_aspect_ratio=config_ratio,
     )
     return LoadedModel(model, processor, info)
+
+
+@contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """transformers' (and the hub's) progress bars on or off for the block, then as they were."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if enabled == was_enabled:
+        yield
+        return
+    switch = transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar
+    restore = transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar
+    switch()
+    try:
+        yield
+    finally:
+        restore()
+
+
+def _load_weights(model_path: str, spec: ModelSpec, model_base: str | None, device: torch.device,
+                  dtype: torch.dtype):
+    """(model, processor) of the checkpoint `spec` describes (`model_path` as given, for messages), on `device` in
+    `dtype`."""
+    if spec.format == "original":
+        module = _original_checkpoint_module()
+        if module is None:
+            raise ValueError(
+                f"--model-path {model_path} is an original-format (liuhaotian) checkpoint; loading it needs "
+                "fastv_advanced.original_checkpoint, which is not available in this installation. Convert it to the "
+                "transformers format with `fastv-convert` and pass the converted folder."
+            )
+        return module.load_original_checkpoint(spec.path, model_base=model_base, dtype=dtype, device=device)
+    if model_base is not None:
+        raise ValueError(
+            f"--model-base applies to original-format checkpoints (LoRA or projector-only weights); "
+            f"{model_path} is a complete transformers-format checkpoint"
+        )
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(spec.path, local_files_only=spec.local, backend="pil")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        spec.path,
+        dtype=dtype,
+        attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
+        local_files_only=spec.local,
+    )
+    return model.to(device), processor
 
 
 def model_info_from(model, processor) -> ModelInfo:

@@ -26,15 +26,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import evaluation as ev
-from .config import FastVConfig
+from .evaluation import RunOptions, evaluate
+from .metrics import format_failures
 from .model_loading import LoadedModel, ModelInfo, ModelSpec
-from .run_files import ConfigurationMismatch, SampleJournal, fingerprint_of
+from .run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, RunConfig, alphas_of, fastv_config
+from .run_config import fingerprint_config, result_file_name, samples_file_name
+from .run_files import ConfigurationMismatch, SampleJournal, check_result_file, fingerprint_of
 from .scienceqa import QuestionSet
 
-WEIGHTED = "weighted_combination"
-DEFAULT_METHODS = ("max_head", "avg_all_heads", WEIGHTED)
-DEFAULT_ALPHA = 0.5  # --fast-v-weighted-alpha's default: what a single run of another method records
+DEFAULT_METHODS = ("max_head", "avg_all_heads", "weighted_combination")
 
 STATUS_DONE, STATUS_RESUME, STATUS_NEW, STATUS_CONFLICT = "done", "resume", "new", "conflict"
 
@@ -53,36 +53,34 @@ class SweepGrid:
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     alphas: tuple[float, ...] = (DEFAULT_ALPHA,)
-    ranks: tuple[int, ...] = (ev.GUIDE_ATTENTION_RANK,)
-    agg_layers: tuple[int, ...] = (ev.GUIDE_AGG_LAYER,)
+    ranks: tuple[int, ...] = (GUIDE_ATTENTION_RANK,)
+    agg_layers: tuple[int, ...] = (GUIDE_AGG_LAYER,)
     baseline: bool = True
 
 
 def expand_grid(
-    grid: SweepGrid, template: ev.RunConfig, *, sys_length: int | None = None, image_token_length: int | None = None
-) -> list[ev.RunConfig]:
+    grid: SweepGrid, template: RunConfig, *, sys_length: int | None = None, image_token_length: int | None = None
+) -> list[RunConfig]:
     """The grid's `RunConfig`s: `template`'s prompt/generation settings with each FastV setting (None = baseline).
 
     Order: baseline first, then the methods in the order given, each over alpha (weighted_combination only),
     rank and K ascending as given. Methods other than weighted_combination get alpha 0.5, as a single run of them
-    does. Configurations with the same result file are kept once. `ValueError` (from `FastVConfig`) for a bad
-    value.
+    does. Configurations with the same result file are kept once. `run_config.FieldError` naming the field of a
+    bad value.
     """
     configs = [replace(template, fastv=None)] if grid.baseline else []
     for method in grid.methods:
-        alphas = grid.alphas if method == WEIGHTED else (DEFAULT_ALPHA,)
-        for alpha in alphas:
+        for alpha in alphas_of(method, grid.alphas):
             for rank in grid.ranks:
                 for agg_layer in grid.agg_layers:
-                    fastv = FastVConfig(
-                        agg_layer=agg_layer, attention_rank=rank, token_selection_method=method,
-                        weighted_alpha=float(alpha), sys_length=sys_length, image_token_length=image_token_length,
-                        seed=template.seed,
+                    fastv = fastv_config(
+                        agg_layer=agg_layer, attention_rank=rank, method=method, alpha=float(alpha),
+                        sys_length=sys_length, image_token_length=image_token_length, seed=template.seed,
                     )
                     configs.append(replace(template, fastv=fastv))
-    unique: dict[str, ev.RunConfig] = {}
+    unique: dict[str, RunConfig] = {}
     for config in configs:
-        unique.setdefault(ev.result_file_name(config), config)
+        unique.setdefault(result_file_name(config), config)
     return list(unique.values())
 
 
@@ -100,7 +98,7 @@ def expected_model_info(spec: ModelSpec, model_base: str | None, device: torch.d
 class PlannedRun:
     """One configuration and the state of its files."""
 
-    run_config: ev.RunConfig
+    run_config: RunConfig
     result_path: Path
     samples_path: Path
     status: str  # done / resume / new / conflict
@@ -114,7 +112,7 @@ class PlannedRun:
 
 
 def plan_run(
-    run_config: ev.RunConfig,
+    run_config: RunConfig,
     model_info: ModelInfo,
     questions: QuestionSet,
     output_dir: str | os.PathLike,
@@ -130,47 +128,26 @@ def plan_run(
     single run would retry them; the sweep keeps the model unloaded instead.
     """
     output_dir = Path(output_dir)
-    result_path = output_dir / ev.result_file_name(run_config)
-    samples_path = output_dir / ev.samples_file_name(run_config)
     selected = [q.id for q in questions.questions]
-    planned = PlannedRun(run_config, result_path, samples_path, STATUS_NEW, 0, len(selected))
+    planned = PlannedRun(run_config, output_dir / result_file_name(run_config),
+                         output_dir / samples_file_name(run_config), STATUS_NEW, 0, len(selected))
     if overwrite:
         planned.detail = "starting over (--overwrite)"
         return planned
-    config = ev.fingerprint_config(run_config, model_info, questions)
+    config = fingerprint_config(run_config, model_info, questions)
     fingerprint = fingerprint_of(config)
     try:
-        ev.check_result_file(result_path, config, overwrite=False)
+        check_result_file(planned.result_path, config, overwrite=False)
+        header, records = _journal_of(planned.samples_path, fingerprint)
     except ConfigurationMismatch as exc:
         planned.status, planned.detail = STATUS_CONFLICT, str(exc)
         return planned
-    records: dict[str, dict] = {}
-    header: dict = {}
-    if samples_path.exists():
-        try:
-            header, records = SampleJournal.read(samples_path)
-        except (OSError, ValueError) as exc:
-            planned.status, planned.detail = STATUS_CONFLICT, f"{exc}. Pass --overwrite to start over."
-            return planned
-        if header.get("fingerprint") != fingerprint:
-            planned.status = STATUS_CONFLICT
-            planned.detail = (
-                f"{samples_path} holds per-sample results of a different configuration. Refusing to mix or "
-                "overwrite it: pass --overwrite to replace it, or --output-dir to write elsewhere."
-            )
-            return planned
     unfixable = set(unfixable)
     finished = [qid for qid in selected if qid in records and records[qid].get("error") is None]
     settled = [qid for qid in selected if qid in records and (records[qid].get("error") is None or qid in unfixable)]
     planned.done_samples = len(finished)
-    result_ok = False
-    if result_path.exists():
-        try:
-            result = json.loads(result_path.read_text(encoding="utf-8"))
-            result_ok = result.get("fingerprint") == fingerprint and result.get("total_samples") == len(selected)
-        except (OSError, ValueError):
-            result_ok = False
     same_selection = header.get("selection", {}).get("ids") == selected
+    result_ok = _result_is(planned.result_path, fingerprint, len(selected))
     if result_ok and same_selection and len(settled) == len(selected):
         planned.status = STATUS_DONE
         errors = len(selected) - len(finished)
@@ -181,6 +158,34 @@ def plan_run(
         planned.status = STATUS_RESUME
         planned.detail = f"{len(finished)} of {len(selected)} samples already done"
     return planned
+
+
+def _journal_of(path: Path, fingerprint: str) -> tuple[dict, dict[str, dict]]:
+    """(header, records by id) of the JSONL at `path` ({} and {} when absent); `ConfigurationMismatch` when it
+    cannot be read or holds another configuration."""
+    if not path.exists():
+        return {}, {}
+    try:
+        header, records = SampleJournal.read(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationMismatch(f"{exc}. Pass --overwrite to start over.") from exc
+    if header.get("fingerprint") != fingerprint:
+        raise ConfigurationMismatch(
+            f"{path} holds per-sample results of a different configuration. Refusing to mix or "
+            "overwrite it: pass --overwrite to replace it, or --output-dir to write elsewhere."
+        )
+    return header, records
+
+
+def _result_is(path: Path, fingerprint: str, total_samples: int) -> bool:
+    """Whether `path` is a result file of this fingerprint over `total_samples` samples."""
+    if not path.exists():
+        return False
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return result.get("fingerprint") == fingerprint and result.get("total_samples") == total_samples
 
 
 @dataclass
@@ -200,29 +205,29 @@ class SweepEntry:
 
 @dataclass
 class Sweep:
-    """A grid evaluated with one model load. Build it, `plan()` (cheap, no model), then `run(load)`."""
+    """A grid evaluated with one model load. Build it, `plan()` (cheap, no model), then `run(load)`.
 
-    run_configs: list[ev.RunConfig]
+    `options` are every configuration's (output folder, images, overwrite, on_error, ...); `options.log` also
+    receives the sweep's own lines. `unfixable`: question ids whose error records a re-run cannot change.
+    """
+
+    run_configs: list[RunConfig]
     questions: QuestionSet
-    output_dir: Path
     expected_info: ModelInfo
-    image_folder: str | None = None
+    options: RunOptions = field(default_factory=RunOptions)
     unfixable: frozenset[str] = frozenset()
-    overwrite: bool = False
-    on_error: str = "skip"
-    save_selection: bool = False
-    num_samples: int | None = None
-    command: str | None = None
-    progress: bool = True
-    log: Callable[[str], None] = print
     entries: list[SweepEntry] = field(default_factory=list)
     model_loaded: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.options.output_dir)
 
     def plan(self, model_info: ModelInfo | None = None) -> list[PlannedRun]:
         """Plan every configuration against the files in `output_dir` (the expected model info by default)."""
         info = model_info or self.expected_info
         return [
-            plan_run(config, info, self.questions, self.output_dir, overwrite=self.overwrite,
+            plan_run(config, info, self.questions, self.output_dir, overwrite=self.options.overwrite,
                      unfixable=self.unfixable)
             for config in self.run_configs
         ]
@@ -274,22 +279,18 @@ class Sweep:
         except (OSError, ValueError):
             entry.result = None
         accuracy = f", accuracy {entry.result['accuracy']:.4f}" if entry.result else ""
-        self.log(f"[{number}/{total}] {entry.label}: already finished ({entry.planned.detail}{accuracy}) - skipped, "
-                 f"{entry.planned.result_path.name}")
+        self.options.log(f"[{number}/{total}] {entry.label}: already finished ({entry.planned.detail}{accuracy}) - "
+                         f"skipped, {entry.planned.result_path.name}")
 
     def _compute(self, number: int, total: int, entry: SweepEntry, loaded: LoadedModel) -> None:
-        planned = entry.planned
+        planned, log = entry.planned, self.options.log
         doing = (f"resuming, {planned.detail}" if planned.status == STATUS_RESUME
                  else planned.detail or f"{planned.total_samples} samples")
-        self.log(f"[{number}/{total}] {entry.label}: computing ({doing}) -> {planned.result_path.name}")
+        log(f"[{number}/{total}] {entry.label}: computing ({doing}) -> {planned.result_path.name}")
         started = time.perf_counter()
         try:
-            result = ev.evaluate(
-                loaded.model, loaded.processor, self.questions, planned.run_config, self.output_dir,
-                image_folder=self.image_folder, model_info=loaded.info, overwrite=self.overwrite,
-                on_error=self.on_error, save_selection=self.save_selection, num_samples=self.num_samples,
-                command=self.command, progress=self.progress, log=self.log,
-            )
+            result = evaluate(loaded.model, loaded.processor, self.questions, planned.run_config, self.options,
+                              model_info=loaded.info)
         except KeyboardInterrupt:
             entry.status, entry.seconds = "interrupted", time.perf_counter() - started
             raise
@@ -298,12 +299,14 @@ class Sweep:
             raise SweepError(number, total, entry.label, exc) from exc
         entry.status, entry.seconds, entry.result = "computed", time.perf_counter() - started, result
         latency = result["latency"]["prefill_mean"]
-        self.log(
+        log(
             f"[{number}/{total}] {entry.label}: done in {entry.seconds:.1f} s - accuracy {result['accuracy']:.4f} "
             f"({result['correct_samples']}/{result['total_samples']}), prefill "
             + ("n/a" if latency is None else f"{latency:.3f} s")
             + f", FLOPs ratio {result['flops_info']['flops_ratio']:.4f}"
         )
+        for line in format_failures(result["failures"]):
+            log(line)
 
 
 def format_report(entries: list[SweepEntry], model_loaded: bool) -> str:

@@ -6,7 +6,9 @@ import argparse
 import shlex
 import sys
 
-from .. import evaluation as ev
+from ..chunks import find_chunk_files, merge_chunks
+from ..metrics import format_summary
+from ..run_files import ConfigurationMismatch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    groups = {None: args.files} if args.files else ev.find_chunk_files(args.output_dir)
+    groups = {None: args.files} if args.files else find_chunk_files(args.output_dir)
     if not groups:
         print(f"error: no chunk files (*.chunk<i>of<n>.jsonl) in {args.output_dir}", file=sys.stderr)
         return 2
@@ -37,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for files in groups.values():
         try:
-            result = ev.merge_chunks(files, args.output_dir, overwrite=args.overwrite,
-                                     allow_partial=args.allow_partial, command=command)
-        except (ValueError, ev.ConfigurationMismatch) as exc:
+            result = merge_chunks(files, args.output_dir, overwrite=args.overwrite,
+                                  allow_partial=args.allow_partial, command=command)
+        except (ValueError, ConfigurationMismatch) as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(ev.format_summary(result, result["result_file"]))
+        print(format_summary(result, result["result_file"], result["failures"]))
     return status
 
 

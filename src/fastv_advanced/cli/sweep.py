@@ -1,58 +1,54 @@
 """`fastv-sweep`: evaluate a grid of FastV configurations (and the baseline) with one model load.
 
 Writes exactly the files single `eval_scivqa.py` runs write (same names, same content, resumable), one pair per
-configuration. The model, data, prompt and run flags are `eval_scivqa.py`'s (shared parser code); the grid flags
-replace its single-configuration FastV flags. Everything is checked before the model loads, and the model is not
-loaded at all when every configuration is already finished.
+configuration. The model, data, prompt and run flags are `eval_scivqa.py`'s (both take them from `cli/common.py`);
+the grid flags replace its single-configuration FastV flags. Everything is checked before the model loads, and the
+model is not loaded at all when every configuration is already finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-import warnings
 from pathlib import Path
 
-from .. import evaluation as ev
+from .. import model_loading
 from ..embedded import ENV_VAR
-from ..scienceqa import image_path
+from ..evaluation import RunOptions
+from ..model_loading import LoadedModel
+from ..run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, RunConfig, uses_alpha
+from ..run_files import ConfigurationMismatch
+from ..run_loop import EvaluationError
+from ..scienceqa import QuestionSet, image_path
 from ..strategies import available_strategies
-from ..sweep import (
-    DEFAULT_ALPHA,
-    DEFAULT_METHODS,
-    WEIGHTED,
-    Sweep,
-    SweepError,
-    SweepGrid,
-    expand_grid,
-    expected_model_info,
-    format_report,
-)
-from .eval_scivqa import (
+from ..sweep import DEFAULT_METHODS, Sweep, SweepError, SweepGrid, expand_grid, expected_model_info, format_report
+from .common import (
+    FLAG_OF_FIELD,
     HelpFormatter,
+    Inputs,
     UsageError,
     add_data_arguments,
     add_fastv_span_arguments,
     add_prompt_arguments,
     add_run_arguments,
+    check_inputs,
+    command_line,
     describe_inputs,
-    fit_to_model,
+    fastv_notices,
+    flag_error,
     note_input_warnings,
-    prepare_inputs,
+    print_problems,
     resolve_paths,
     run_config_with,
-    _flag_names,
 )
 
-# Config fields and single-run flags in messages -> the sweep's flags.
+# Configuration fields -> the sweep's flags that give them (the grid's flags replace the single-run FastV flags).
 GRID_FLAGS = {
+    **FLAG_OF_FIELD,
     "agg_layer": "--agg-layers",
     "attention_rank": "--ranks",
     "weighted_alpha": "--alphas",
     "token_selection_method": "--methods",
-    "--fast-v-agg-layer": "--agg-layers",
-    "--fast-v-attention-rank": "--ranks",
 }
 
 EXAMPLES = """examples:
@@ -94,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{' '.join(DEFAULT_METHODS)})")
     grid.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], metavar="ALPHA",
                       help=f"alphas of weighted_combination; other methods have none (default: {DEFAULT_ALPHA})")
-    grid.add_argument("--ranks", nargs="+", type=int, default=[ev.GUIDE_ATTENTION_RANK], metavar="R",
+    grid.add_argument("--ranks", nargs="+", type=int, default=[GUIDE_ATTENTION_RANK], metavar="R",
                       help="image tokens kept after layer K; the guide tunes 144, 288, 432 = 25/50/75%% of 576 "
-                      f"(default: {ev.GUIDE_ATTENTION_RANK})")
-    grid.add_argument("--agg-layers", nargs="+", type=int, default=[ev.GUIDE_AGG_LAYER], metavar="K",
+                      f"(default: {GUIDE_ATTENTION_RANK})")
+    grid.add_argument("--agg-layers", nargs="+", type=int, default=[GUIDE_AGG_LAYER], metavar="K",
                       help="layers from which tokens are dropped; the guide tunes 1, 2, 4 "
-                      f"(default: {ev.GUIDE_AGG_LAYER})")
+                      f"(default: {GUIDE_AGG_LAYER})")
     grid.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also evaluate the unpruned model, scienceqa_results_baseline.json (default: on)")
     add_fastv_span_arguments(grid)
@@ -112,21 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sweep = None
     try:
-        sweep = _prepare(args, argv)
-        if sweep is None:  # dry run
-            return 0
-        with warnings.catch_warnings():
-            _fastv_warnings_once()
+        with fastv_notices():
+            sweep = _prepare(args, argv)
+            if sweep is None:  # dry run
+                return 0
             sweep.run(lambda: _load(args, sweep))
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_problems(exc)
         return 2
     except SweepError as exc:
         _print_report(sweep)
         print(f"error: {exc}\n(finished configurations are kept; fix the problem and re-run the same command to "
               "resume)", file=sys.stderr)
         return 1
-    except (ev.ConfigurationMismatch, ev.EvaluationError, ValueError) as exc:
+    except (ConfigurationMismatch, EvaluationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -138,41 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fastv_warnings_once() -> None:
-    """Show each distinct FastV warning once for the whole sweep (call inside `catch_warnings`). The "once" action
-    alone does not do it: every progress bar mutates the warning filters, which resets the registry it uses."""
-    seen: set[str] = set()
-    show = warnings.showwarning
-
-    def show_once(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if text.startswith("FastV: "):
-            if text in seen:
-                return
-            seen.add(text)
-        show(message, category, filename, lineno, file, line)
-
-    warnings.filterwarnings("always", message="FastV: ")
-    warnings.showwarning = show_once
-
-
 def _print_report(sweep: Sweep | None) -> None:
     if sweep is not None and sweep.entries:
         print(format_report(sweep.entries, sweep.model_loaded), flush=True)
 
 
-def _load(args: argparse.Namespace, sweep: Sweep) -> ev.LoadedModel:
+def _load(args: argparse.Namespace, sweep: Sweep) -> LoadedModel:
     todo = sum(1 for p in sweep.plan() if p.status != "done")
     print(f"loading {args.model_path} once for {todo} configurations to compute "
           f"({len(sweep.run_configs) - todo} already finished)", flush=True)
-    return ev.load_model(args.model_path, args.model_base, device=sweep.expected_info.device, dtype=args.dtype)
+    return model_loading.load_model(args.model_path, args.model_base, device=sweep.expected_info.device,
+                                    dtype=args.dtype, progress=not args.no_progress)
 
 
-def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
-    """Check everything that can be checked without the model; the `Sweep` to run, or None after a dry run."""
-    resolve_paths(args)
-    if WEIGHTED not in args.methods and args.alphas != [DEFAULT_ALPHA]:
-        print(f"note: --alphas applies to {WEIGHTED} only, which is not in --methods: ignored", file=sys.stderr)
+def _grid_run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The grid's configurations; `UsageError` naming the sweep's flag of a bad value."""
+    if not any(uses_alpha(method) for method in args.methods) and args.alphas != [DEFAULT_ALPHA]:
+        print("note: --alphas applies to weighted_combination only, which is not in --methods: ignored",
+              file=sys.stderr)
     grid = SweepGrid(tuple(args.methods), tuple(args.alphas), tuple(args.ranks), tuple(args.agg_layers),
                      args.baseline)
     template = run_config_with(args, None)
@@ -180,30 +158,35 @@ def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
         run_configs = expand_grid(grid, template, sys_length=args.fast_v_sys_length,
                                   image_token_length=args.fast_v_image_token_length)
     except ValueError as exc:
-        raise UsageError(_flag_names(str(exc), GRID_FLAGS)) from exc
+        raise flag_error(exc, GRID_FLAGS) from exc
     if not run_configs:
         raise UsageError("nothing to evaluate: --no-baseline and no --methods")
-    inputs = prepare_inputs(args)
-    for run_config in run_configs:
-        fit_to_model(args, run_config, inputs.spec, GRID_FLAGS)
+    return run_configs
+
+
+def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
+    """Check everything that can be checked without the model; the `Sweep` to run, or None after a dry run."""
+    resolve_paths(args)
+    run_configs, inputs = check_inputs(args, lambda: _grid_run_configs(args), GRID_FLAGS)
     pruned = [c for c in run_configs if c.fastv is not None]
     note_input_warnings(pruned[0] if pruned else run_configs[0], inputs.spec, inputs.problems)
-    unfixable = unfixable_questions(inputs.questions, inputs.image_folder)
-    command = shlex.join([sys.argv[0] or "fastv-sweep"] + list(argv if argv is not None else sys.argv[1:]))
+    options = RunOptions(
+        output_dir=Path(args.output_dir), image_folder=inputs.image_folder, overwrite=args.overwrite,
+        on_error=args.on_error, save_selection=args.save_selection, num_samples=args.num_samples,
+        command=command_line("fastv-sweep", argv), progress=not args.no_progress,
+        log=lambda line: print(line, flush=True),
+    )
     sweep = Sweep(
-        run_configs, inputs.questions, Path(args.output_dir),
-        expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
-        image_folder=inputs.image_folder, unfixable=unfixable, overwrite=args.overwrite, on_error=args.on_error,
-        save_selection=args.save_selection, num_samples=args.num_samples, command=command,
-        progress=not args.no_progress, log=lambda line: print(line, flush=True),
+        run_configs, inputs.questions, expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
+        options, unfixable=unfixable_questions(inputs.questions, inputs.image_folder),
     )
     if args.dry_run:
-        print(describe_sweep(args, sweep, inputs))
+        print(describe_sweep(sweep, inputs))
         return None
     return sweep
 
 
-def unfixable_questions(questions, image_folder) -> frozenset[str]:
+def unfixable_questions(questions: QuestionSet, image_folder: str | None) -> frozenset[str]:
     """Ids whose entry is malformed or whose image is missing now: their error records cannot change on a re-run,
     so they do not make a finished configuration unfinished."""
     ids = set()
@@ -215,13 +198,13 @@ def unfixable_questions(questions, image_folder) -> frozenset[str]:
     return frozenset(ids)
 
 
-def describe_sweep(args, sweep: Sweep, inputs) -> str:
+def describe_sweep(sweep: Sweep, inputs: Inputs) -> str:
+    """The dry run's description: the inputs, the shared settings and each configuration's plan."""
     plans = sweep.plan()
     template = sweep.run_configs[0]
     lines = [
         "Dry run: nothing is evaluated.",
-        *describe_inputs(inputs.questions, inputs.image_folder, inputs.spec, inputs.device, inputs.dtype,
-                         inputs.problems),
+        *describe_inputs(inputs),
         f"  prompt {template.conv_mode}, single-pred-prompt {template.single_pred_prompt}, images "
         f"{template.image_aspect_ratio}; "
         + ("greedy" if template.temperature == 0 else f"temperature {template.temperature}")
