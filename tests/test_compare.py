@@ -131,7 +131,8 @@ def test_markdown_csv_and_json_formats(capsys):
     assert [r["strategy"] for r in table] == [e[0] for e in EXPECTED]
     assert table[0]["p_value"] == "" and table[0]["baseline"] == "True"
     assert float(table[2]["p_value"]) == pytest.approx(0.625) and float(table[2]["flops_ratio"]) == 0.6017
-    assert table[4]["alpha"] == "0.3" and table[1]["rank"] == "144" and table[1]["agg_layer"] == "2"
+    assert json.loads(table[4]["parameters"])["weighted_alpha"] == 0.3 and table[4]["method"] == "fastv"
+    assert json.loads(table[1]["parameters"])["attention_rank"] == 144 and json.loads(table[1]["parameters"])["agg_layer"] == 2
 
     code, out, _ = run_cli(capsys, "--results-dir", FIXTURES, "--format", "json")
     assert code == 0 and len(json.loads(out)["rows"]) == 7

@@ -21,7 +21,7 @@ from conftest import REPO_ROOT, TINY_IMAGE_TOKENS, draw_image, llava_entry, writ
 from fastv_advanced import FastVConfig
 from fastv_advanced import model_loading
 from fastv_advanced.metrics import format_failures
-from fastv_advanced.run_config import FieldError, RunConfig, fastv_config, result_file_name, samples_file_name
+from fastv_advanced.run_config import FieldError, RunConfig, build_checked, result_file_name, samples_file_name
 from fastv_advanced.run_files import SampleJournal
 from fastv_advanced.cli import eval_scivqa, merge_chunks
 from fastv_advanced.cli.common import flag_error
@@ -107,7 +107,7 @@ def test_result_file_names_follow_the_guide(fastv, name):
     if fastv is not None:
         sys.path.insert(0, str(Path(__file__).parent))
         fastv = FastVConfig(**{"agg_layer": 2, "attention_rank": 288, **fastv})
-    run_config = RunConfig(fastv=fastv)
+    run_config = RunConfig(method=fastv)
     assert result_file_name(run_config) == name
     assert samples_file_name(run_config) == name[: -len(".json")] + ".jsonl"
     assert samples_file_name(run_config, 4, 1) == name[: -len(".json")] + ".chunk1of4.jsonl"
@@ -329,9 +329,9 @@ def no_model_load(monkeypatch):
         (["--use-fast-v", "--fast-v-agg-layer", "2"], "--use-fast-v needs --fast-v-attention-rank"),
         (["--use-fast-v", "--fast-v-attention-rank", "8"], "--use-fast-v needs --fast-v-agg-layer"),
         (["--use-fast-v", "--fast-v-attention-rank", "65", "--fast-v-agg-layer", "2"],
-         "--fast-v-attention-rank 65 is larger than the model's 64 image tokens"),
+         "--fast-v-attention-rank 65 is larger than the 64 image tokens"),
         (["--use-fast-v", "--fast-v-attention-rank", "8", "--fast-v-agg-layer", "4"],
-         r"--fast-v-agg-layer 4 is outside \[1, 3\]: the model has 4 decoder layers"),
+         r"--fast-v-agg-layer 4 is outside the allowed range \[1, 3\] for this model with 4 decoder layers"),
         (["--use-fast-v", "--fast-v-attention-rank", "8", "--fast-v-agg-layer", "0"], "--fast-v-agg-layer 0"),
         (["--use-fast-v", "--fast-v-attention-rank", "8", "--fast-v-agg-layer", "2",
           "--fast-v-token-selection-method", "weighted_combination", "--fast-v-weighted-alpha", "1.5"],
@@ -499,12 +499,12 @@ def test_no_progress_also_hides_the_loading_bar(tiny_model_dir, question_set, tm
 
 def test_config_errors_name_their_field_and_the_command_lines_name_their_flag():
     with pytest.raises(FieldError) as caught:
-        fastv_config(agg_layer=0, attention_rank=8, method="max_head")
+        build_checked("fastv", {"agg_layer": 0, "attention_rank": 8, "token_selection_method": "max_head"})
     assert caught.value.field == "agg_layer" and str(caught.value).startswith("agg_layer=0 is invalid")
     assert flag_error(caught.value).problems == [caught.value.for_flag("--fast-v-agg-layer")]
     assert caught.value.for_flag("--agg-layers").startswith("--agg-layers 0 is invalid")
     with pytest.raises(FieldError) as caught:
-        fastv_config(agg_layer=2, attention_rank=8, method="maxhead")
+        build_checked("fastv", {"agg_layer": 2, "attention_rank": 8, "token_selection_method": "maxhead"})
     assert caught.value.field == "token_selection_method"
     assert flag_error(caught.value).problems[0].startswith("--fast-v-token-selection-method 'maxhead' is not")
     with pytest.raises(FieldError) as caught:
@@ -522,7 +522,7 @@ def test_dry_run_checks_and_describes_without_evaluating(tiny_model_dir, questio
     assert "Dry run" in printed and "CUDA available:" in printed
     assert "4 decoder layers, 64 image tokens" in printed and "6 selected" in printed
     assert "problems: 1" in printed and "12/image.png of question '12' does not exist" in printed
-    assert "keep 16 of 64, chosen by avg_all_heads" in printed
+    assert "FastV - avg_all_heads (R=16, K=2): from layer 2 keep 16 of 64" in printed
     assert "scienceqa_results_fastv_avg_all_heads_rank16_k2.json" in printed
     assert not out.exists()
 

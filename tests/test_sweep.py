@@ -82,10 +82,10 @@ def test_grid_order_alphas_only_for_weighted_combination_and_no_duplicates():
     ]
     max_head = configs[-2]
     # What a single run with the guide's flags builds: alpha at its default 0.5, the span flags and the seed kept.
-    assert max_head.fastv.weighted_alpha == 0.5 and max_head.fastv.seed == 3
-    assert (max_head.fastv.sys_length, max_head.fastv.image_token_length) == (35, 576)
+    assert max_head.method.weighted_alpha == 0.5 and max_head.method.seed == 3
+    assert (max_head.method.sys_length, max_head.method.image_token_length) == (35, 576)
     assert all(c.single_pred_prompt for c in configs)
-    assert expand_grid(SweepGrid(methods=(), baseline=True), template)[0].fastv is None
+    assert expand_grid(SweepGrid(methods=(), baseline=True), template)[0].method is None
 
 
 # -- the guide's suite script ---------------------------------------------------------------------------------------
@@ -308,8 +308,8 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize(
     "grid,message",
     [
-        (["--ranks", "16", "65"], "--ranks 65 is larger than the model's 64 image tokens"),
-        (["--ranks", "16", "--agg-layers", "2", "4"], r"--agg-layers 4 is outside \[1, 3\]"),
+        (["--ranks", "16", "65"], "--ranks 65 is larger than the 64 image tokens"),
+        (["--ranks", "16", "--agg-layers", "2", "4"], r"--agg-layers 4 is outside the allowed range \[1, 3\]"),
         (["--ranks", "16", "--methods", "weighted_combination", "--alphas", "0.5", "1.5"],
          r"--alphas 1.5 is outside the allowed range \[0, 1\]"),
         (["--ranks", "16", "--methods", "maxhead"], "--methods 'maxhead' is not a registered strategy"),

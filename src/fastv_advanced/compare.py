@@ -6,8 +6,8 @@ per-sample JSONL each one names (`samples_file`).
 - `load_results(folder)` -> `(runs, warnings)`: readable, complete results; unreadable, foreign or partial files are
   left out with a warning that names them.
 - `build_comparison(runs, allow_mixed=False)` -> `Comparison`: one `Row` per run, the baseline first, then by
-  method (the guide's order: max_head, avg_all_heads, weighted_combination, random, others by name), alpha, rank,
-  K. Against the baseline: Δ accuracy, prefill speed-up (baseline median prefill / the run's), and the paired
+  method (each method's `table_order`, then name; FastV first, in the guide's order of rules: max_head,
+  avg_all_heads, weighted_combination, random, others by name, then alpha, rank, K) and each method's own order. Against the baseline: Δ accuracy, prefill speed-up (baseline median prefill / the run's), and the paired
   significance of Δ on the questions both answered (exact McNemar test, bootstrap 95% interval), and why the
   timings are not trustworthy when they are not (`timing_problems`). `MixedRuns` when
   the runs used different question files (sha256) or models, unless `allow_mixed`.
@@ -26,15 +26,15 @@ import os
 import statistics
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .comparison_rows import SIGNIFICANCE_LEVEL, Comparison, Row
 from .embedded import MODEL_PATH as EMBEDDED_MODEL_PATH
+from .methods import PruningMethod, jsonable, method_from_result, method_reference
 from .statistics import bootstrap_delta_interval, mcnemar_exact
 
 RESULT_GLOB = "scienceqa_results_*.json"
-GUIDE_RANK, GUIDE_AGG_LAYER = 288, 2
-METHOD_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")
 BOOTSTRAP_RESAMPLES = 10000
 TITLE = "FastV Advanced 结果比较"
 SAMPLE_FIELDS = ("correct", "prefill_s", "warmup")  # what the comparison reads of each per-sample record
@@ -90,29 +90,39 @@ class Run:
     def config(self) -> dict:
         return self.data["model_config"]
 
+    @cached_property
+    def pruning(self) -> PruningMethod | None:
+        """The pruning method the file records (None for the baseline, or when its class cannot be found: then the
+        recorded name and label are shown)."""
+        try:
+            return method_from_result(self.config)
+        except ValueError:
+            return None
+
     @property
     def is_baseline(self) -> bool:
-        return not self.config.get("use_fast_v")
+        return self.pruning is None and not self.config.get("pruning_method") and not self.config.get("use_fast_v")
 
     @property
     def method(self) -> str | None:
-        return None if self.is_baseline else self.config.get("fast_v_token_selection_method")
+        if self.is_baseline:
+            return None
+        recorded = self.config.get("pruning_method") or {}
+        return method_reference(self.pruning) if self.pruning is not None else recorded.get("name", "?")
 
     @property
-    def alpha(self) -> float | None:
-        return self.config.get("fast_v_weighted_alpha") if self.method == "weighted_combination" else None
+    def parameters(self) -> dict | None:
+        if self.is_baseline:
+            return None
+        if self.pruning is None:
+            return (self.config.get("pruning_method") or {}).get("parameters")
+        return jsonable(self.pruning.result_parameters())
 
     @property
-    def rank(self) -> int | None:
-        return None if self.is_baseline else self.config.get("fast_v_attention_rank")
-
-    @property
-    def keep_ratio(self) -> float | None:
-        return None if self.is_baseline else self.config.get("fast_v_keep_ratio")
-
-    @property
-    def agg_layer(self) -> int | None:
-        return None if self.is_baseline else self.config.get("fast_v_agg_layer")
+    def group(self) -> str | None:
+        if self.is_baseline:
+            return None
+        return self.pruning.group() if self.pruning is not None else self.method
 
     @property
     def is_embedded_model(self) -> bool:
@@ -129,36 +139,28 @@ class Run:
 
     @property
     def label(self) -> str:
-        """The guide's strategy names: `Baseline`, `FastV - max_head`, `FastV - weighted α=0.3`, plus `(R=144, K=2)`
-        when R or K is not the guide's 288 / 2."""
+        """`Baseline`, or the method's label (FastV: the guide's `FastV - max_head`, `FastV - weighted α=0.3`, plus
+        `(R=144, K=2)` off the guide's R=288, K=2)."""
         if self.is_baseline:
             return "Baseline"
-        method = self.method or "?"
-        name = f"weighted α={self.alpha:g}" if self.alpha is not None else method
-        if self.rank == GUIDE_RANK and self.agg_layer == GUIDE_AGG_LAYER:
-            return f"FastV - {name}"
-        ratio = 0.5 if self.keep_ratio is None else self.keep_ratio
-        budget = f"R={self.rank}" if self.rank is not None else f"ratio={ratio:g}"
-        return f"FastV - {name} ({budget}, K={self.agg_layer})"
+        if self.pruning is None:
+            return self.config.get("pruning_label") or self.method
+        return self.pruning.label()
 
     @property
     def short_label(self) -> str:
-        """A compact label for plots: `max_head`, `weighted α=0.3`, `avg_all_heads R=144 K=1`."""
-        if self.is_baseline:
-            return "Baseline"
-        return self.label.removeprefix("FastV - ").replace(" (", " ").replace(", ", " ").rstrip(")")
+        """A compact label for plots (`max_head`, `weighted α=0.3`, `avg_all_heads R=144 K=1`)."""
+        if self.is_baseline or self.pruning is None:
+            return self.label
+        return self.pruning.short_label()
 
     def sort_key(self) -> tuple:
-        method = self.method or ""
-        position = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return (
-            0 if self.is_baseline else 1, position, method,
-            -1.0 if self.alpha is None else float(self.alpha),
-            math.inf if self.rank is None else self.rank,
-            math.inf if self.keep_ratio is None else self.keep_ratio,
-            math.inf if self.agg_layer is None else self.agg_layer,
-            self.path.name,
-        )
+        """Baseline first, then by the methods' table order and name, then each method's own order."""
+        if self.is_baseline:
+            return (0, 0, "", (), self.path.name)
+        if self.pruning is None:
+            return (1, math.inf, self.method, (), self.path.name)
+        return (1, type(self.pruning).table_order, self.method, self.pruning.sort_key(), self.path.name)
 
 
 def _is_number(value) -> bool:
@@ -404,14 +406,15 @@ def _busy_cpu(timed: list[Row]) -> str | None:
 def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
     data, latency, tokens = run.data, run.data.get("latency") or {}, run.data.get("tokens") or {}
     row = Row(
-        file=run.path.name, strategy=run.label, baseline=run is baseline, method=run.method, alpha=run.alpha,
-        rank=run.rank, agg_layer=run.agg_layer, keep_ratio=run.keep_ratio, accuracy=float(data["accuracy"]),
+        file=run.path.name, strategy=run.label, baseline=run is baseline, method=run.method, group=run.group,
+        parameters=run.parameters, accuracy=float(data["accuracy"]),
         correct=int(data["correct_samples"]), samples=int(data["total_samples"]), errors=int(data.get("errors") or 0),
         delta=None, avg_latency_s=data.get("avg_latency"), prefill_mean_s=latency.get("prefill_mean"),
         prefill_median_s=latency.get("prefill_median"), prefill_spread=prefill_spread(run.prefill_times),
         prefill_speedup=None, prefill_speedup_mean=None, generate_speedup=None,
         flops_ratio=(data.get("flops_info") or {}).get("flops_ratio"), image_tokens=tokens.get("avg_image_tokens"),
         kept_image_tokens=tokens.get("avg_kept_image_tokens"),
+        image_tokens_per_layer=tokens.get("avg_image_tokens_per_layer"),
         busy_cores=(data.get("environment") or {}).get("busy_cores"), short_label=run.short_label,
     )
     if baseline is None:
@@ -641,10 +644,10 @@ def format_markdown(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ("file", "strategy", "method", "alpha", "rank", "agg_layer", "keep_ratio", "accuracy", "correct",
+CSV_FIELDS = ("file", "strategy", "method", "parameters", "accuracy", "correct",
               "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_median_s", "prefill_spread",
               "prefill_speedup", "prefill_speedup_mean", "generate_speedup", "flops_ratio", "image_tokens",
-              "kept_image_tokens", "busy_cores", "paired_samples", "mcnemar_b", "mcnemar_c",
+              "kept_image_tokens", "image_tokens_per_layer", "busy_cores", "paired_samples", "mcnemar_b", "mcnemar_c",
               "p_value", "ci_low", "ci_high", "baseline")
 
 
@@ -654,6 +657,7 @@ def format_csv(comparison: Comparison) -> str:
     writer.writeheader()
     for row in comparison.rows:
         data = row.to_dict()
+        data["parameters"] = json.dumps(data["parameters"], sort_keys=True) if data["parameters"] is not None else None
         writer.writerow({key: "" if data[key] is None else data[key] for key in CSV_FIELDS})
     return buffer.getvalue().rstrip("\n")
 

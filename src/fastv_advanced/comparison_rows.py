@@ -20,11 +20,9 @@ class Row:
     file: str
     strategy: str
     baseline: bool
-    method: str | None
-    alpha: float | None
-    rank: int | None
-    agg_layer: int | None
-    keep_ratio: float | None
+    method: str | None  # the pruning method's name (None: baseline)
+    group: str | None  # rows of one group share a plot colour (FastV: its selection rule)
+    parameters: dict | None  # the method's parameters that change results
     accuracy: float
     correct: int
     samples: int
@@ -40,6 +38,7 @@ class Row:
     flops_ratio: float | None
     image_tokens: float | None
     kept_image_tokens: float | None
+    image_tokens_per_layer: float | None  # mean over the decoder layers of the image tokens each processed
     busy_cores: float | None  # cores other processes kept busy, when the result file records it
     paired_samples: int | None = None
     mcnemar_b: int | None = None  # questions only the baseline answers correctly

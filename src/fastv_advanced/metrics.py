@@ -100,6 +100,8 @@ def _tokens(ok: list[dict]) -> dict:
         "samples_with_image": len(with_image),
         "avg_image_tokens": _mean([r["num_image_tokens"] for r in with_image]),
         "avg_kept_image_tokens": _mean([r["num_kept_image_tokens"] for r in with_image]),
+        "avg_image_tokens_per_layer": _mean([r["avg_image_tokens_per_layer"] for r in with_image
+                                             if r.get("avg_image_tokens_per_layer") is not None]),
     }
 
 
@@ -114,7 +116,7 @@ def _flops(ok: list[dict], run_config: RunConfig, shape: DecoderShape) -> dict:
         "avg_baseline_prefill_flops": _mean(baseline),
         "total_prefill_flops": sum(flops),
         "total_baseline_prefill_flops": sum(baseline),
-        **run_config.flops_settings(),
+        "pruning_method": run_config.label,
         "decoder_shape": asdict(shape),
         "method": FLOPS_METHOD,
     }

@@ -17,9 +17,11 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from .flops import DecoderShape
 from .prompting import num_image_tokens
 
 
@@ -59,6 +61,7 @@ class ModelSpec:
     num_layers: int | None
     num_image_tokens: int | None
     image_aspect_ratio: str | None = None
+    decoder_shape: DecoderShape | None = None  # for theoretical FLOPs before loading
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -118,7 +121,8 @@ def inspect_model_path(model_path: str) -> ModelSpec:
             f"--model-path {model_path} is not a local folder and cannot be loaded from the hub or the local "
             f"Hugging Face cache ({type(exc).__name__}: {exc}). Download it first, then pass the local folder."
         ) from exc
-    return ModelSpec(model_path, "transformers", False, llava.text_config.num_hidden_layers, num_image_tokens(llava))
+    return ModelSpec(model_path, "transformers", False, llava.text_config.num_hidden_layers, num_image_tokens(llava),
+                     decoder_shape=DecoderShape.from_text_config(llava.text_config))
 
 
 def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
@@ -140,6 +144,7 @@ def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
             num_layers=config.get("num_hidden_layers"),
             num_image_tokens=_vision_tokens_from_name(config.get("mm_vision_tower")),
             image_aspect_ratio=original_preprocessing(config.get("image_aspect_ratio")),
+            decoder_shape=_flat_decoder_shape(config),
         )
     from transformers import LlavaConfig
 
@@ -148,8 +153,17 @@ def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
         raise ValueError(f"--model-path {model_path}: config.json is not a LLaVA config: {exc}") from exc
     return ModelSpec(
-        str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava)
+        str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava),
+        decoder_shape=DecoderShape.from_text_config(llava.text_config),
     )
+
+
+def _flat_decoder_shape(config: dict) -> DecoderShape | None:
+    """The decoder shape of an original-format checkpoint's flat Llama fields (None when incomplete)."""
+    try:
+        return DecoderShape.from_text_config(SimpleNamespace(**config))
+    except (AttributeError, TypeError):
+        return None
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -11,14 +11,11 @@ from pathlib import Path
 
 from .comparison_rows import Comparison, Row, pareto_front
 
-METHOD_COLOURS = {
-    "max_head": "#d62728",
-    "avg_all_heads": "#1f77b4",
-    "weighted_combination": "#2ca02c",
-    "random": "#7f7f7f",
-}
+# Colours in the order the rows' groups first appear (the guide's FastV rules come first: max_head red,
+# avg_all_heads blue, weighted_combination green, random grey).
+GROUP_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#7f7f7f", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+                 "#ff7f0e")
 LABEL_BOX = dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.85)
-OTHER_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#ff7f0e")
 
 
 def pyplot(purpose: str = "--plot"):
@@ -34,13 +31,12 @@ def pyplot(purpose: str = "--plot"):
     return plt
 
 
-def _colour(row: Row, others: dict[str, str]) -> str:
+def _colour(row: Row, groups: dict[str, str]) -> str:
+    """Black for the baseline; one colour per group (`Row.group`), in the order the groups first appear."""
     if row.baseline:
         return "black"
-    method = row.method or "?"
-    if method in METHOD_COLOURS:
-        return METHOD_COLOURS[method]
-    return others.setdefault(method, OTHER_COLOURS[len(others) % len(OTHER_COLOURS)])
+    group = row.group or "?"
+    return groups.setdefault(group, GROUP_COLOURS[len(groups) % len(GROUP_COLOURS)])
 
 
 def _standard_error(row: Row) -> float:
@@ -69,7 +65,7 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike) -> Path:
     handles, labels = [], []
     seen = set()
     for row, colour in zip(rows, colours):
-        key = "Baseline" if row.baseline else (row.method or "?")
+        key = "Baseline" if row.baseline else (row.group or "?")
         if key in seen:
             continue
         seen.add(key)

@@ -1,38 +1,33 @@
 """What one evaluation run does, and the names and identity derived from it.
 
-- `RunConfig`: the pruning (a `FastVConfig`, or None for the unpruned baseline) plus the prompt and generation
-  settings. `FieldError` names the field of a bad value so that a command line can name its flag.
-- `result_stem` / `result_file_name` / `samples_file_name`: the guide's file names.
+- `RunConfig`: the pruning method (any `PruningMethod`, or None for the unpruned baseline) plus the prompt and
+  generation settings. `FieldError` names the field of a bad value so that a command line can name its flag.
+- `result_stem` / `result_file_name` / `samples_file_name`: `scienceqa_results_<method's file stem>` (the guide's
+  names for FastV).
 - `fingerprint_config`: everything that changes a sample's result; its hash (`run_files.fingerprint_of`) decides
   whether existing files are resumed or refused.
-- `model_config_section`: the result file's `model_config` (the guide's flag names).
+- `model_config_section`: the result file's `model_config`.
 - `check_run`: a configuration against a model's layer and image-token counts.
 
-This is the only module around the core that builds a `FastVConfig` or reads its fields: the label, the file
-names, the fingerprint, `model_config`, the model-shape checks, the hooks a run installs (`RunConfig.apply`), the
-FLOPs settings, the grid's alphas and the dry-run description are all derived here.
+Everything here reads a method only through `PruningMethod`'s interface (its parameters, label, file stem,
+fingerprint section, schedule), so a method written outside the package gets its names and checks for free.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .config import FastVConfig
+from .methods import PruningMethod, build_method, get_method_class, method_from_run, method_record
 from .model_loading import ModelInfo
 from .prompting import get_template
 from .run_files import FORMAT_VERSION as RESULT_FORMAT
 from .scienceqa import QuestionSet
 
 RESULT_PREFIX = "scienceqa_results"
-GUIDE_ATTENTION_RANK = 288
-GUIDE_AGG_LAYER = 2
-WEIGHTED = "weighted_combination"
-DEFAULT_ALPHA = 0.5  # --fast-v-weighted-alpha's default: what a run of another method records
 
 
 class FieldError(ValueError):
@@ -54,13 +49,14 @@ class FieldError(ValueError):
 
 @dataclass
 class RunConfig:
-    """What one evaluation run does with a loaded model: FastV (None = baseline), prompt and generation settings.
+    """What one evaluation run does with a loaded model: a pruning method (None = baseline), prompt and generation
+    settings.
 
-    temperature 0 means greedy decoding. `seed` seeds the `random` strategy and sampling, per sample (mixed with the
+    temperature 0 means greedy decoding. `seed` seeds randomised methods and sampling, per sample (mixed with the
     question id) so that a resumed or sharded run makes the same choices. A bad value raises `FieldError`.
     """
 
-    fastv: FastVConfig | None = None
+    method: PruningMethod | None = None
     conv_mode: str = "vicuna_v1"
     single_pred_prompt: bool = False
     image_aspect_ratio: str = "pad"
@@ -77,79 +73,48 @@ class RunConfig:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise FieldError("max_new_tokens", repr(self.max_new_tokens), " must be an integer >= 1")
 
+    def settings(self) -> dict:
+        """The prompt and generation settings (every field but the method)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method"}
+
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["fastv"] = self.fastv.to_dict() if self.fastv is not None else None
-        return data
+        """The run as JSONL headers record it: the method's run section (`PruningMethod.run_section`; for the
+        baseline `{"fastv": None}`, the format of files written before methods were named) and the settings."""
+        section = self.method.run_section() if self.method is not None else {"fastv": None}
+        return {**section, **self.settings()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
         """The inverse of `to_dict` (e.g. the `run` of a JSONL header's configuration)."""
-        fastv = data["fastv"]
-        return cls(
-            fastv=FastVConfig(**fastv) if fastv is not None else None,
-            **{key: value for key, value in data.items() if key != "fastv"},
-        )
+        settings = {f.name: data[f.name] for f in fields(cls) if f.name != "method" and f.name in data}
+        return cls(method=method_from_run(data), **settings)
 
     @property
     def label(self) -> str:
-        """A short human-readable name: `baseline` or `FastV max_head (R=288, K=2)`."""
-        if self.fastv is None:
-            return "baseline"
-        fastv = self.fastv
-        method = fastv.token_selection_method
-        if method == WEIGHTED:
-            method += f" alpha={fastv.weighted_alpha!r}"
-        budget = f"R={fastv.attention_rank}" if fastv.attention_rank is not None else f"ratio={_keep_ratio(fastv)!r}"
-        return f"FastV {method} ({budget}, K={fastv.agg_layer})"
+        """A short human-readable name: `baseline` or the method's run label (`FastV max_head (R=288, K=2)`)."""
+        return "baseline" if self.method is None else self.method.run_label()
 
     def apply(self, model: torch.nn.Module):
-        """Install the pruning hooks on `model`: the pruner (`.remove()`, `.reseed(seed)`, `.last_selection`), or
+        """Install the pruning hooks on `model`: the pruner (`.remove()`, `.reseed(seed)`, `.selections`), or
         None for the baseline."""
-        if self.fastv is None:
+        if self.method is None:
             return None
-        from .pruning import apply_fastv
+        from .pruning import apply_pruning
 
-        return apply_fastv(model, self.fastv)
-
-    @property
-    def pruned_from_layer(self) -> int | None:
-        """The first decoder layer that runs on the kept tokens only (K), None for the baseline."""
-        return self.fastv.agg_layer if self.fastv is not None else None
-
-    def flops_settings(self) -> dict:
-        """The pruning settings the result's `flops_info` records: `agg_layer` and `attention_rank` (None when
-        unpruned)."""
-        fastv = self.fastv
-        return {
-            "agg_layer": fastv.agg_layer if fastv else None,
-            "attention_rank": fastv.attention_rank if fastv else None,
-        }
+        return apply_pruning(model, self.method)
 
 
 def result_stem(run_config: RunConfig) -> str:
-    """The guide's result name without `.json`.
-
-    `scienceqa_results_baseline`, `scienceqa_results_fastv_{method}`, `..._weighted_combination_alpha0.7`;
-    `_rank{R}_k{K}` is appended when R != 288 or K != 2 (`_ratio{r}_k{K}` for a keep ratio). A
-    `package.module:function` method has its `:` replaced by `-`.
-    """
-    fastv = run_config.fastv
-    if fastv is None:
+    """The result name without `.json`: `scienceqa_results_baseline` or `scienceqa_results_<file stem>` (FastV:
+    the guide's `scienceqa_results_fastv_{rule}`, `..._weighted_combination_alpha0.7`, `_rank{R}_k{K}` off R=288,
+    K=2; another method: its name and each parameter that differs from its default)."""
+    if run_config.method is None:
         return f"{RESULT_PREFIX}_baseline"
-    method = re.sub(r"[^A-Za-z0-9_.-]", "-", fastv.token_selection_method)
-    stem = f"{RESULT_PREFIX}_fastv_{method}"
-    if fastv.token_selection_method == WEIGHTED:
-        stem += f"_alpha{float(fastv.weighted_alpha)!r}"
-    if fastv.attention_rank is None:
-        stem += f"_ratio{_keep_ratio(fastv)!r}_k{fastv.agg_layer}"
-    elif fastv.attention_rank != GUIDE_ATTENTION_RANK or fastv.agg_layer != GUIDE_AGG_LAYER:
-        stem += f"_rank{fastv.attention_rank}_k{fastv.agg_layer}"
-    return stem
+    return f"{RESULT_PREFIX}_{run_config.method.file_stem()}"
 
 
 def result_file_name(run_config: RunConfig) -> str:
-    """The guide's result file name, e.g. `scienceqa_results_fastv_max_head.json`."""
+    """The result file name, e.g. `scienceqa_results_fastv_max_head.json`."""
     return result_stem(run_config) + ".json"
 
 
@@ -161,12 +126,11 @@ def samples_file_name(run_config: RunConfig, num_chunks: int = 1, chunk_idx: int
 
 def fingerprint_config(run_config: RunConfig, model_info: ModelInfo, questions: QuestionSet) -> dict:
     """Everything that changes the per-sample results (not the sample count, chunking or output options)."""
-    run = run_config.to_dict()
-    if run["fastv"] is not None:
-        run["fastv"] = _fastv_identity(run["fastv"])
+    method = run_config.method
+    section = method.fingerprint_section() if method is not None else {"fastv": None}
     return {
         "protocol": RESULT_FORMAT,
-        "run": run,
+        "run": {**section, **run_config.settings()},
         "model": {
             "path": model_info.model_path,
             "base": model_info.model_base,
@@ -179,14 +143,18 @@ def fingerprint_config(run_config: RunConfig, model_info: ModelInfo, questions: 
 
 
 def model_config_section(run_config: RunConfig, model_info: ModelInfo) -> dict:
-    """The guide's `model_config`: its flag names and values, plus the model and generation settings."""
+    """The result file's `model_config`: the method (name, parameters, label; FastV adds the guide's flag names),
+    the model, and the prompt and generation settings."""
+    method = run_config.method
     return {
         "model_path": model_info.model_path,
         "model_base": model_info.model_base,
         "model_format": model_info.format,
         "conv_mode": run_config.conv_mode,
         "single_pred_prompt": run_config.single_pred_prompt,
-        **_guide_flags(run_config.fastv),
+        "pruning_method": method_record(method) if method is not None else None,
+        "pruning_label": method.label() if method is not None else "Baseline",
+        **(method.result_fields() if method is not None else {"use_fast_v": False}),
         "temperature": run_config.temperature,
         "max_new_tokens": run_config.max_new_tokens,
         "image_aspect_ratio": run_config.image_aspect_ratio,
@@ -199,113 +167,55 @@ def model_config_section(run_config: RunConfig, model_info: ModelInfo) -> dict:
     }
 
 
-def check_run(num_layers: int | None, num_image_tokens: int | None, run_config: RunConfig) -> list[FieldError]:
-    """Inconsistencies between the pruning of `run_config` and a model's shape (empty when fine; None = unknown)."""
-    fastv = run_config.fastv
-    if fastv is None:
+def check_run(num_layers: int | None, num_image_tokens: int | None, run_config: RunConfig) -> list[ValueError]:
+    """Inconsistencies between the pruning of `run_config` and a model's shape (empty when fine; None = unknown):
+    the method's own schedule and token counts for that shape, as `FieldError`s where a message names a field."""
+    method = run_config.method
+    if method is None or num_layers is None:
         return []
-    problems = []
-    if num_layers is not None and not 1 <= fastv.agg_layer < num_layers:
-        problems.append(FieldError(
-            "agg_layer", str(fastv.agg_layer),
-            f" is outside [1, {num_layers - 1}]: the model has {num_layers} decoder layers",
-        ))
-    if num_image_tokens is not None and fastv.attention_rank is not None and fastv.attention_rank > num_image_tokens:
-        problems.append(FieldError(
-            "attention_rank", str(fastv.attention_rank),
-            f" is larger than the model's {num_image_tokens} image tokens (allowed: 0 to {num_image_tokens})",
-        ))
-    return problems
-
-
-# -- FastV specifics ------------------------------------------------------------------------------------------------
-
-
-def fastv_config(
-    *,
-    agg_layer: int,
-    attention_rank: int | None,
-    method: str,
-    alpha: float = DEFAULT_ALPHA,
-    sys_length: int | None = None,
-    image_token_length: int | None = None,
-    seed: int = 0,
-) -> FastVConfig:
-    """A `FastVConfig`; a bad value raises `FieldError` naming the field (a plain `ValueError` for a problem of
-    no single field)."""
     try:
-        return FastVConfig(
-            agg_layer=agg_layer, attention_rank=attention_rank, token_selection_method=method,
-            weighted_alpha=alpha, sys_length=sys_length, image_token_length=image_token_length, seed=seed,
-        )
+        method.stages(num_layers)
+        if num_image_tokens is not None:
+            method.kept_per_stage(num_layers, num_image_tokens)
+    except NotImplementedError:
+        return []
     except ValueError as exc:
-        raise _field_error(str(exc)) from exc
+        return [field_error(str(exc), type(method))]
+    return []
 
 
-_FASTV_FIELDS = frozenset(f.name for f in dataclasses.fields(FastVConfig))
-_FIELD_MESSAGE = re.compile(r"^(?P<field>\w+)[= ](?P<value>'[^']*'|[^\s:;,]+)(?P<problem>.*)$", re.DOTALL)
+def build_checked(name: str, params: dict) -> PruningMethod:
+    """`build_method(name, params)`; a bad value raises `FieldError` naming the field (a plain `ValueError` for a
+    problem of no single field)."""
+    try:
+        cls = get_method_class(name)
+        return build_method(name, params)
+    except ValueError as exc:
+        if "cls" not in locals():
+            raise
+        raise field_error(str(exc), cls) from exc
 
 
-def _field_error(message: str) -> ValueError:
-    """`FastVConfig`'s message (`agg_layer=0 is invalid: ...`, `token_selection_method 'x' is not ...`) as a
-    `FieldError` of the field it starts with; a plain `ValueError` when it starts with no field."""
+_FIELD_MESSAGE = re.compile(r"^(?P<field>\w+)[= :](?P<value>'[^']*'|[^\s:;,]+)(?P<problem>.*)$", re.DOTALL)
+
+
+def field_error(message: str, cls: type) -> ValueError:
+    """A method's message (`agg_layer=0 is invalid: ...`, `token_selection_method 'x' is not ...`) as a
+    `FieldError` of the parameter it starts with; a plain `ValueError` when it starts with no parameter."""
     match = _FIELD_MESSAGE.match(message)
-    if match is None or match["field"] not in _FASTV_FIELDS:
+    if match is None or match["field"] not in {f.name for f in fields(cls)}:
         return ValueError(message)
     return FieldError(match["field"], match["value"], match["problem"], message)
 
 
-def alphas_of(method: str, alphas: tuple[float, ...]) -> tuple[float, ...]:
-    """The alphas a grid gives `method`: all of them for weighted_combination, the default for the others."""
-    return alphas if method == WEIGHTED else (DEFAULT_ALPHA,)
-
-
-def uses_alpha(method: str) -> bool:
-    """Whether `method` reads `weighted_alpha`."""
-    return method == WEIGHTED
-
-
 def describe_pruning(run_config: RunConfig, num_layers: int | None, num_image_tokens: int | None) -> str | None:
-    """One dry-run line about what the pruning does (None for the baseline)."""
-    fastv = run_config.fastv
-    if fastv is None:
+    """One dry-run line about what the pruning does (None for the baseline): the stages and what each keeps."""
+    method = run_config.method
+    if method is None:
         return None
-    return (
-        f"FastV: layers 0..{fastv.agg_layer - 1} see all image tokens, layers {fastv.agg_layer}.."
-        f"{(num_layers or 0) - 1} keep {fastv.attention_rank} of {num_image_tokens}, chosen by "
-        f"{fastv.token_selection_method}"
-        + (f" (alpha {fastv.weighted_alpha})" if fastv.token_selection_method == WEIGHTED else "")
-    )
-
-
-def expected_image_tokens(run_config: RunConfig) -> int | None:
-    """The image-token count the guide's `--fast-v-image-token-length` expects (None when not given)."""
-    return run_config.fastv.image_token_length if run_config.fastv is not None else None
-
-
-def _keep_ratio(fastv: FastVConfig) -> float:
-    return 0.5 if fastv.keep_ratio is None else float(fastv.keep_ratio)
-
-
-def _fastv_identity(fastv: dict) -> dict:
-    """The FastV fields that change a result. The guide's expected span only triggers a warning (the detected
-    span is used), and the built-in strategies other than weighted_combination ignore alpha."""
-    fastv = dict(fastv)
-    del fastv["sys_length"], fastv["image_token_length"]
-    if fastv["token_selection_method"] in ("max_head", "avg_all_heads", "random"):
-        del fastv["weighted_alpha"]
-    return fastv
-
-
-def _guide_flags(fastv: FastVConfig | None) -> dict:
-    """The guide's FastV flags as `model_config` records them (None when unpruned)."""
-    return {
-        "use_fast_v": fastv is not None,
-        "fast_v_sys_length": fastv.sys_length if fastv else None,
-        "fast_v_image_token_length": fastv.image_token_length if fastv else None,
-        "fast_v_attention_rank": fastv.attention_rank if fastv else None,
-        "fast_v_keep_ratio": fastv.keep_ratio if fastv else None,
-        "fast_v_agg_layer": fastv.agg_layer if fastv else None,
-        "fast_v_token_selection_method": fastv.token_selection_method if fastv else None,
-        "fast_v_weighted_alpha": fastv.weighted_alpha if fastv else None,
-    }
+    try:
+        stages = method.kept_per_stage(num_layers or 0, num_image_tokens or 0) if num_layers else []
+    except (NotImplementedError, ValueError):
+        stages = []
+    plan = ", ".join(f"from layer {layer} keep {kept} of {num_image_tokens}" for layer, kept in stages)
+    return f"{method.label()}: " + (plan or "schedule known once the model is loaded")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .answers import FAILED, is_correct, parse_answer
-from .flops import DecoderShape, prefill_flops
+from .flops import DecoderShape, schedule_flops
 from .prompting import build_inputs
 from .run_config import RunConfig
 from .run_files import SampleJournal
@@ -103,7 +103,7 @@ def run_sample(ctx: SampleContext, question: Question, warmup: bool) -> dict:
     seed = sample_seed(config.seed, question.id)
     if ctx.pruner is not None:
         ctx.pruner.reseed(seed)
-        ctx.pruner.last_selection = None
+        ctx.pruner.selections = []
     generation = _generate(ctx, inputs, seed)
     return _sample_record(ctx, question, prompt, is_image, generation, seed, warmup)
 
@@ -142,13 +142,12 @@ def _sample_record(
     generated = generation.output[0, num_tokens:]
     text = ctx.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
     prediction = parse_answer(text)
-    selection = ctx.pruner.last_selection if ctx.pruner is not None else None
+    selections = ctx.pruner.selections if ctx.pruner is not None else []
+    selection = selections[-1] if selections else None
     pruned = selection is not None
     num_kept = selection.num_kept if pruned else num_image
-    flops = prefill_flops(
-        ctx.shape, num_tokens, num_image, num_kept if pruned else None,
-        ctx.run_config.pruned_from_layer if pruned else None,
-    )
+    stages = [(s.layer, s.num_kept) for s in selections]
+    flops = schedule_flops(ctx.shape, num_tokens, num_image, stages)
     record = {
         "type": "sample",
         "id": question.id,
@@ -175,12 +174,24 @@ def _sample_record(
         "baseline_prefill_flops": flops["baseline_flops"],
         "flops_ratio": flops["ratio"],
         "pruned_num_tokens": flops["pruned_num_tokens"],
+        "kept_per_stage": [list(stage) for stage in stages] if pruned else None,
+        "avg_image_tokens_per_layer": sum(flops["image_tokens_per_layer"]) / max(ctx.shape.num_layers, 1),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,
         "seed": seed,
     }
     if ctx.save_selection:
         record["kept_image_indices"] = selection.kept_image_indices[0].tolist() if pruned else None
+        record["image_scores"] = _first_stage_scores(selections[0]) if pruned else None
     return record
+
+
+def _first_stage_scores(selection) -> list[float] | None:
+    """The first stage's scores of the prompt's image tokens (6 significant digits), None when it had none or did
+    not score every image token."""
+    if selection.scores is None or selection.scores.shape[-1] != selection.candidate_image_indices.shape[-1]:
+        return None
+    order = selection.candidate_image_indices[0].argsort()
+    return [float(f"{value:.6g}") for value in selection.scores[0, order].float().tolist()]
 
 
 def error_record(question: Question, message: str) -> dict:

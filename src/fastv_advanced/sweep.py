@@ -1,7 +1,8 @@
 """One-process sweeps: load a LLaVA once and evaluate a grid of configurations with it.
 
-A grid is methods x alphas (weighted_combination only) x ranks R x aggregation layers K, plus the unpruned
-baseline. Every configuration is evaluated by `evaluation.evaluate` exactly as a single `eval_scivqa.py` run with
+A grid is the unpruned baseline, the guide's FastV grid (selection rules x alphas (weighted_combination only) x
+ranks R x aggregation layers K) and any pruning methods, each over every combination of the parameter values given
+for it, its named presets and FLOPs targets (its budget parameter solved for each). Every configuration is evaluated by `evaluation.evaluate` exactly as a single `eval_scivqa.py` run with
 the same flags would be, so it writes the same files: `scienceqa_results_<config>.json` and the per-sample
 `scienceqa_results_<config>.jsonl`, with the same fingerprints. A single run and a sweep therefore resume each
 other's files.
@@ -21,6 +22,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, replace
+from itertools import product
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,8 +31,11 @@ import torch
 from .evaluation import RunOptions, evaluate
 from .metrics import format_failures
 from .model_loading import LoadedModel, ModelInfo, ModelSpec
-from .run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, RunConfig, alphas_of, fastv_config
-from .run_config import fingerprint_config, result_file_name, samples_file_name
+from .budget import solve_budget
+from .flops import DecoderShape
+from .methods import PruningMethod, get_method_class
+from .methods.fastv import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, alphas_of
+from .run_config import RunConfig, build_checked, fingerprint_config, result_file_name, samples_file_name
 from .run_files import ConfigurationMismatch, SampleJournal, check_result_file, fingerprint_of
 from .scienceqa import QuestionSet
 
@@ -48,38 +53,85 @@ class SweepError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What FLOPs targets are solved for: the decoder's shape and a prompt of `num_tokens` tokens, `num_image_tokens`
+    of them image tokens."""
+
+    shape: DecoderShape
+    num_tokens: int
+    num_image_tokens: int
+
+
+@dataclass(frozen=True)
+class MethodGrid:
+    """One pruning method over a grid: every combination of the `params` values (name -> values, command-line text
+    or values), under each of its `presets` (none: its defaults), and with its budget parameter solved for each of
+    `flops_targets` (none: as given)."""
+
+    name: str
+    params: tuple[tuple[str, tuple], ...] = ()
+    presets: tuple[str, ...] = ()
+    flops_targets: tuple[float, ...] = ()
+
+    def methods(self, cost: Cost | None = None) -> list[PruningMethod]:
+        """The grid's methods in order (presets, then parameter combinations, then targets); `FieldError` for a
+        bad value, ValueError for an unknown preset or a FLOPs target without a `cost`."""
+        cls = get_method_class(self.name)
+        unknown = [p for p in self.presets if p not in cls.presets]
+        if unknown:
+            raise ValueError(f"pruning method {self.name!r} has no preset {', '.join(unknown)}; its presets: "
+                             f"{', '.join(cls.presets) or 'none'}")
+        names = [name for name, _ in self.params]
+        combinations = [dict(zip(names, values)) for values in product(*(values for _, values in self.params))]
+        methods = [build_checked(self.name, {**(cls.presets[p] if p else {}), **combo})
+                   for p in (self.presets or (None,)) for combo in combinations]
+        if not self.flops_targets:
+            return methods
+        if cost is None:
+            raise ValueError("--flops-target needs the model's shape, which could not be read from its config")
+        return [solve_budget(m, t, cost.shape, cost.num_tokens, cost.num_image_tokens)
+                for m in methods for t in self.flops_targets]
+
+
+@dataclass(frozen=True)
 class SweepGrid:
-    """The grid: every method x rank x K; weighted_combination additionally x alpha."""
+    """The grid: the baseline; the guide's FastV grid, every selection rule (`methods`) x rank x K
+    (weighted_combination additionally x alpha); and the `pruning` method grids."""
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     alphas: tuple[float, ...] = (DEFAULT_ALPHA,)
     ranks: tuple[int, ...] = (GUIDE_ATTENTION_RANK,)
     agg_layers: tuple[int, ...] = (GUIDE_AGG_LAYER,)
     baseline: bool = True
+    pruning: tuple[MethodGrid, ...] = ()
 
 
 def expand_grid(
-    grid: SweepGrid, template: RunConfig, *, sys_length: int | None = None, image_token_length: int | None = None
+    grid: SweepGrid, template: RunConfig, *, sys_length: int | None = None, image_token_length: int | None = None,
+    cost: Cost | None = None,
 ) -> list[RunConfig]:
-    """The grid's `RunConfig`s: `template`'s prompt/generation settings with each FastV setting (None = baseline).
+    """The grid's `RunConfig`s: `template`'s prompt/generation settings with each method (None = baseline).
 
-    Order: baseline first, then the methods in the order given, each over alpha (weighted_combination only),
-    rank and K ascending as given. Methods other than weighted_combination get alpha 0.5, as a single run of them
-    does. Configurations with the same result file are kept once. `run_config.FieldError` naming the field of a
-    bad value.
+    Order: baseline first, then the guide's FastV rules in the order given, each over alpha (weighted_combination
+    only), rank and K ascending as given (other rules get alpha 0.5, as a single run of them does), then each method
+    grid. Configurations with the same result file are kept once. `run_config.FieldError` names the field of a bad
+    value.
     """
-    configs = [replace(template, fastv=None)] if grid.baseline else []
-    for method in grid.methods:
-        for alpha in alphas_of(method, grid.alphas):
+    methods: list[PruningMethod | None] = [None] if grid.baseline else []
+    for rule in grid.methods:
+        for alpha in alphas_of(rule, grid.alphas):
             for rank in grid.ranks:
                 for agg_layer in grid.agg_layers:
-                    fastv = fastv_config(
-                        agg_layer=agg_layer, attention_rank=rank, method=method, alpha=float(alpha),
-                        sys_length=sys_length, image_token_length=image_token_length, seed=template.seed,
-                    )
-                    configs.append(replace(template, fastv=fastv))
+                    methods.append(build_checked("fastv", {
+                        "agg_layer": agg_layer, "attention_rank": rank, "token_selection_method": rule,
+                        "weighted_alpha": float(alpha), "sys_length": sys_length,
+                        "image_token_length": image_token_length, "seed": template.seed,
+                    }))
+    for method_grid in grid.pruning:
+        methods += method_grid.methods(cost)
     unique: dict[str, RunConfig] = {}
-    for config in configs:
+    for method in methods:
+        config = replace(template, method=method)
         unique.setdefault(result_file_name(config), config)
     return list(unique.values())
 

@@ -27,7 +27,8 @@ import torch
 
 from ..embedded import ENV_VAR, resolve_embedded
 from ..model_loading import ModelSpec, inspect_model_path, resolve_device, resolve_dtype
-from ..run_config import FieldError, RunConfig, check_run, expected_image_tokens
+from ..methods import describe_methods
+from ..run_config import FieldError, RunConfig, check_run
 from ..run_loop import ON_ERROR_CHOICES
 from ..scienceqa import DataError, QuestionSet, load_questions, missing_images
 
@@ -54,10 +55,75 @@ class UsageError(ValueError):
 
 
 def flag_error(exc: ValueError, flags: Mapping[str, str] = FLAG_OF_FIELD) -> UsageError:
-    """`exc` as the user's mistake: a `FieldError` of a field in `flags` names that flag, anything else is kept."""
-    if isinstance(exc, FieldError) and exc.field in flags:
-        return UsageError(exc.for_flag(flags[exc.field]))
+    """`exc` as the user's mistake: a `FieldError` of a field in `flags` names that flag, one of another field (a
+    pruning method's parameter) names `--pruning-param`, anything else is kept."""
+    if isinstance(exc, FieldError):
+        if exc.field in flags:
+            return UsageError(exc.for_flag(flags[exc.field]))
+        return UsageError(f"--pruning-param {exc.field}={exc.value.strip(chr(39))}{exc.problem}")
     return UsageError(str(exc))
+
+
+# -- pruning methods ------------------------------------------------------------------------------------------------
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, *, grid: bool) -> argparse._ArgumentGroup:
+    """`--pruning-method`, `--pruning-param`, `--pruning-preset` (and, for a grid, `--flops-target`)."""
+    group = parser.add_argument_group("pruning method (instead of the guide's FastV flags; the registered methods "
+                                      "are listed at the end)")
+    group.add_argument("--pruning-method", nargs="+" if grid else None, metavar="NAME", default=None,
+                       help="a registered method or package.module:Class" + (" (several: each over the grid)" if grid
+                                                                              else ""))
+    group.add_argument("--pruning-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a method parameter; repeat for several"
+                       + (". VALUE may list grid values: ratio=0.3,0.5; lists in brackets: layers=[2,8,16],[2,4,6]"
+                          if grid else "; lists as layers=2,8,16"))
+    group.add_argument("--pruning-preset", nargs="+" if grid else None, metavar="LABEL", default=None,
+                       help="a method's named setting, e.g. 192, 128 or 64 (its paper's token budgets); "
+                       "--pruning-param values override it")
+    if grid:
+        group.add_argument("--flops-target", nargs="+", type=float, default=[], metavar="RATIO",
+                           help="solve each method's budget parameter for these theoretical prefill FLOPs ratios "
+                           "(a prompt of the model's image tokens + 100 text tokens)")
+    return group
+
+
+def methods_epilog() -> str:
+    """The registered methods with their parameters and defaults, for the end of `--help`."""
+    return "registered pruning methods (--pruning-method NAME, --pruning-param KEY=VALUE):\n  " + \
+        describe_methods().replace("\n", "\n  ").replace("%", "%%")
+
+
+def split_grid_values(text: str) -> list[str]:
+    """`0.3,0.5` -> ['0.3', '0.5']; commas inside brackets stay: `[2,8,16],[2,4]` -> ['[2,8,16]', '[2,4]']."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return values + [current]
+
+
+def parse_pruning_params(items: list[str], *, grid: bool) -> list[tuple[str, tuple[str, ...]]]:
+    """`--pruning-param` texts -> [(key, values)] in order (one value each unless `grid`); `UsageError` on a
+    malformed or repeated one."""
+    parsed: dict[str, tuple[str, ...]] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            problems.append(f"--pruning-param {item!r} is not KEY=VALUE")
+        elif key in parsed:
+            problems.append(f"--pruning-param {key} is given twice")
+        else:
+            parsed[key] = tuple(v.strip() for v in split_grid_values(value)) if grid else (value.strip(),)
+    if problems:
+        raise UsageError(*problems)
+    return list(parsed.items())
 
 
 def print_problems(exc: UsageError) -> None:
@@ -72,6 +138,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class RawEpilogHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The commands' help format, with the description and the epilog printed as written."""
 
 
 def launched_processes() -> int:
@@ -159,12 +229,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = Tru
     return run
 
 
-def run_config_with(args: argparse.Namespace, fastv, flags: Mapping[str, str] = FLAG_OF_FIELD) -> RunConfig:
-    """The `RunConfig` of the prompt/generation flags of `args` with `fastv` (None = baseline); `UsageError`
+def run_config_with(args: argparse.Namespace, method, flags: Mapping[str, str] = FLAG_OF_FIELD) -> RunConfig:
+    """The `RunConfig` of the prompt/generation flags of `args` with `method` (None = baseline); `UsageError`
     naming the flag of a bad value."""
     try:
         return RunConfig(
-            fastv=fastv,
+            method=method,
             conv_mode=args.conv_mode,
             single_pred_prompt=args.single_pred_prompt,
             image_aspect_ratio=args.image_aspect_ratio or "pad",
@@ -375,10 +445,10 @@ def fit_to_model(args: argparse.Namespace, run_config: RunConfig, spec: ModelSpe
 
 def note_input_warnings(run_config: RunConfig, spec: ModelSpec, problems: list[str]) -> None:
     """Print the notes about a span flag that disagrees with the model and about questions that cannot run."""
-    expected = expected_image_tokens(run_config)
-    if expected is not None and spec.num_image_tokens is not None and expected != spec.num_image_tokens:
-        print(f"note: --fast-v-image-token-length {expected} but the model makes {spec.num_image_tokens} image "
-              "tokens per image; the detected count is used", file=sys.stderr)
+    if run_config.method is not None and spec.num_image_tokens is not None:
+        notice = run_config.method.check_image_span([], spec.num_image_tokens)
+        if notice:
+            print(f"note: the model makes {spec.num_image_tokens} image tokens per image: {notice}", file=sys.stderr)
     if problems:
         print(f"warning: {len(problems)} questions cannot be evaluated and will be recorded as errors (counted "
               f"wrong): {problems[0]}" + (" ..." if len(problems) > 1 else ""), file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from datetime import timedelta
 
 import torch
@@ -20,19 +21,21 @@ from ..chunks import merge_chunks
 from ..embedded import ENV_VAR
 from ..evaluation import RunOptions, evaluate
 from ..metrics import format_summary
-from ..run_config import DEFAULT_ALPHA, RunConfig, describe_pruning, fastv_config, result_file_name
-from ..run_config import samples_file_name, uses_alpha
+from ..methods import get_method_class
+from ..methods.fastv import DEFAULT_ALPHA, uses_alpha
+from ..run_config import RunConfig, build_checked, describe_pruning, result_file_name, samples_file_name
 from ..run_files import ConfigurationMismatch
 from ..run_loop import EvaluationError
 from ..strategies import available_strategies
 from .common import (
     FLAG_OF_FIELD,
-    HelpFormatter,
+    RawEpilogHelpFormatter,
     Inputs,
     UsageError,
     add_data_arguments,
     add_fastv_span_arguments,
     add_prompt_arguments,
+    add_method_arguments,
     add_run_arguments,
     check_inputs,
     command_line,
@@ -40,7 +43,9 @@ from .common import (
     fastv_notices,
     flag_error,
     launched_processes,
+    methods_epilog,
     note_input_warnings,
+    parse_pruning_params,
     print_problems,
     resolve_paths,
     run_config_with,
@@ -59,10 +64,13 @@ FASTV_VALUE_FLAGS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eval_scivqa.py",
-        description="Evaluate a LLaVA-1.5 model on ScienceQA (LLaVA's protocol), optionally with FastV visual-token "
-        "pruning, and write scienceqa_results_<config>.json + a per-sample .jsonl to --output-dir. Re-running "
-        f"the same command resumes. Set {ENV_VAR}=1 to use the embedded tiny model and sample data.",
-        formatter_class=HelpFormatter,
+        description=textwrap.fill(
+            "Evaluate a LLaVA-1.5 model on ScienceQA (LLaVA's protocol), optionally with FastV (the guide's flags) or "
+            "another visual-token pruning method (--pruning-method), and write scienceqa_results_<config>.json + a "
+            f"per-sample .jsonl to --output-dir. Re-running the same command resumes. Set {ENV_VAR}=1 to use the "
+            "embedded tiny model and sample data.", width=100),
+        formatter_class=RawEpilogHelpFormatter,
+        epilog=methods_epilog(),
     )
     add_data_arguments(parser)
     add_prompt_arguments(parser)
@@ -80,14 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     fastv.add_argument("--fast-v-weighted-alpha", type=float, default=DEFAULT_ALPHA, help="alpha of "
                        "weighted_combination, in [0, 1]: alpha*A[max head] + (1-alpha)*mean(other heads)")
 
+    add_method_arguments(parser, grid=False)
     add_run_arguments(parser, single_run=True)
     return parser
 
 
 def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tuple[RunConfig, list[str]]:
     """The `RunConfig` the flags describe, and notes; `UsageError` naming the flag for inconsistent flags."""
+    if args.pruning_method is not None:
+        if args.use_fast_v:
+            raise UsageError("give --use-fast-v (the guide's FastV flags) or --pruning-method, not both")
+        return run_config_with(args, method_from_args(args)), []
+    if args.pruning_param or args.pruning_preset:
+        raise UsageError("--pruning-param and --pruning-preset need --pruning-method")
     notes = []
-    fastv = None
+    method = None
     if args.use_fast_v:
         missing = [flag for flag in ("fast_v_attention_rank", "fast_v_agg_layer") if getattr(args, flag) is None]
         if missing:
@@ -103,18 +118,37 @@ def run_config_from_args(args: argparse.Namespace, parser_defaults: dict) -> tup
                 f"--fast-v-token-selection-method {args.fast_v_token_selection_method}"
             )
         try:
-            fastv = fastv_config(
-                agg_layer=args.fast_v_agg_layer, attention_rank=args.fast_v_attention_rank,
-                method=args.fast_v_token_selection_method, alpha=args.fast_v_weighted_alpha,
-                sys_length=args.fast_v_sys_length, image_token_length=args.fast_v_image_token_length, seed=args.seed,
-            )
+            method = build_checked("fastv", {
+                "agg_layer": args.fast_v_agg_layer, "attention_rank": args.fast_v_attention_rank,
+                "token_selection_method": args.fast_v_token_selection_method,
+                "weighted_alpha": args.fast_v_weighted_alpha, "sys_length": args.fast_v_sys_length,
+                "image_token_length": args.fast_v_image_token_length, "seed": args.seed,
+            })
         except ValueError as exc:
             raise flag_error(exc) from exc
     else:
         given = [f"--{f.replace('_', '-')}" for f in FASTV_VALUE_FLAGS if getattr(args, f) != parser_defaults[f]]
         if given:
             notes.append(f"{', '.join(given)} given without --use-fast-v: they are ignored, this is a baseline run")
-    return run_config_with(args, fastv), notes
+    return run_config_with(args, method), notes
+
+
+def method_from_args(args: argparse.Namespace):
+    """The method of `--pruning-method`, its `--pruning-preset` and `--pruning-param`s; `UsageError` naming the flag."""
+    params = dict((key, values[0]) for key, values in parse_pruning_params(args.pruning_param, grid=False))
+    try:
+        cls = get_method_class(args.pruning_method)
+    except ValueError as exc:
+        raise UsageError(f"--pruning-method: {exc}") from exc
+    if args.pruning_preset is not None:
+        if args.pruning_preset not in cls.presets:
+            raise UsageError(f"--pruning-preset {args.pruning_preset}: {args.pruning_method} has the presets "
+                             f"{', '.join(cls.presets) or '(none)'}")
+        params = {**cls.presets[args.pruning_preset], **params}
+    try:
+        return build_checked(args.pruning_method, params)
+    except ValueError as exc:
+        raise flag_error(exc, {}) from exc
 
 
 def describe(args: argparse.Namespace, run_config: RunConfig, inputs: Inputs, shards: int) -> str:

@@ -16,12 +16,15 @@ from .. import model_loading
 from ..embedded import ENV_VAR
 from ..evaluation import RunOptions
 from ..model_loading import LoadedModel
-from ..run_config import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, RunConfig, uses_alpha
+from ..methods import get_method_class
+from ..methods.fastv import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, uses_alpha
+from ..run_config import RunConfig
 from ..run_files import ConfigurationMismatch
 from ..run_loop import EvaluationError
 from ..scienceqa import QuestionSet, image_path
 from ..strategies import available_strategies
-from ..sweep import DEFAULT_METHODS, Sweep, SweepError, SweepGrid, expand_grid, expected_model_info, format_report
+from ..sweep import DEFAULT_METHODS, Cost, MethodGrid, Sweep, SweepError, SweepGrid, expand_grid, expected_model_info
+from ..sweep import format_report
 from .common import (
     FLAG_OF_FIELD,
     HelpFormatter,
@@ -29,6 +32,7 @@ from .common import (
     UsageError,
     add_data_arguments,
     add_fastv_span_arguments,
+    add_method_arguments,
     add_prompt_arguments,
     add_run_arguments,
     check_inputs,
@@ -36,7 +40,9 @@ from .common import (
     describe_inputs,
     fastv_notices,
     flag_error,
+    methods_epilog,
     note_input_warnings,
+    parse_pruning_params,
     print_problems,
     resolve_paths,
     run_config_with,
@@ -62,6 +68,11 @@ EXAMPLES = """examples:
 
   # the guide's tuning grid: kept tokens x pruning layer
   fastv-sweep ... --methods avg_all_heads max_head --ranks 144 288 432 --agg-layers 1 2 4
+
+  # other methods: a parameter grid, the papers' 192/128/64 presets, or equal FLOPs
+  fastv-sweep ... --pruning-method pdrop --pruning-param ratio=0.3,0.5 --pruning-param "layers=[2,8,16]"
+  fastv-sweep ... --pruning-method dart visionzip divprune --pruning-preset 192 128 64
+  fastv-sweep ... --pruning-method fastv dart visionzip --flops-target 0.3 0.45
 """
 
 
@@ -79,15 +90,16 @@ Set {ENV_VAR}=1 to use the embedded tiny model and sample data."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastv-sweep", description=DESCRIPTION, formatter_class=_SweepHelpFormatter, epilog=EXAMPLES,
+        prog="fastv-sweep", description=DESCRIPTION, formatter_class=_SweepHelpFormatter,
+        epilog=EXAMPLES + "\n" + methods_epilog(),
     )
     add_data_arguments(parser)
     add_prompt_arguments(parser)
     grid = parser.add_argument_group("grid (one result file per configuration)")
-    grid.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), metavar="METHOD",
-                      help=f"token-selection strategies ({', '.join(available_strategies())}, or "
+    grid.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                      help=f"FastV token-selection strategies ({', '.join(available_strategies())}, or "
                       "package.module:function); none = baseline only (default: "
-                      f"{' '.join(DEFAULT_METHODS)})")
+                      f"{' '.join(DEFAULT_METHODS)}, or none with --pruning-method)")
     grid.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], metavar="ALPHA",
                       help=f"alphas of weighted_combination; other methods have none (default: {DEFAULT_ALPHA})")
     grid.add_argument("--ranks", nargs="+", type=int, default=[GUIDE_ATTENTION_RANK], metavar="R",
@@ -99,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                       help="also evaluate the unpruned model, scienceqa_results_baseline.json (default: on)")
     add_fastv_span_arguments(grid)
+    add_method_arguments(parser, grid=True)
     add_run_arguments(parser, single_run=False)
     return parser
 
@@ -148,27 +161,66 @@ def _load(args: argparse.Namespace, sweep: Sweep) -> LoadedModel:
 
 def _grid_run_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The grid's configurations; `UsageError` naming the sweep's flag of a bad value."""
-    if not any(uses_alpha(method) for method in args.methods) and args.alphas != [DEFAULT_ALPHA]:
+    rules = args.methods if args.methods is not None else ([] if args.pruning_method else list(DEFAULT_METHODS))
+    if not any(uses_alpha(rule) for rule in rules) and args.alphas != [DEFAULT_ALPHA]:
         print("note: --alphas applies to weighted_combination only, which is not in --methods: ignored",
               file=sys.stderr)
-    grid = SweepGrid(tuple(args.methods), tuple(args.alphas), tuple(args.ranks), tuple(args.agg_layers),
-                     args.baseline)
+    grid = SweepGrid(tuple(rules), tuple(args.alphas), tuple(args.ranks), tuple(args.agg_layers), args.baseline,
+                     method_grids(args))
     template = run_config_with(args, None)
     try:
         run_configs = expand_grid(grid, template, sys_length=args.fast_v_sys_length,
-                                  image_token_length=args.fast_v_image_token_length)
+                                  image_token_length=args.fast_v_image_token_length, cost=_cost(args))
     except ValueError as exc:
         raise flag_error(exc, GRID_FLAGS) from exc
     if not run_configs:
-        raise UsageError("nothing to evaluate: --no-baseline and no --methods")
+        raise UsageError("nothing to evaluate: --no-baseline and no --methods or --pruning-method")
     return run_configs
+
+
+def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
+    """One grid per `--pruning-method`: each gets the `--pruning-param`s it has (a parameter no listed method has
+    is an error), the `--pruning-preset`s and the `--flops-target`s."""
+    if not args.pruning_method:
+        if args.pruning_param or args.pruning_preset or args.flops_target:
+            raise UsageError("--pruning-param, --pruning-preset and --flops-target need --pruning-method")
+        return ()
+    params = parse_pruning_params(args.pruning_param, grid=True)
+    grids, used = [], set()
+    for name in args.pruning_method:
+        try:
+            fields = {f.name for f in get_method_class(name).parameter_fields()}
+        except ValueError as exc:
+            raise UsageError(f"--pruning-method: {exc}") from exc
+        own = tuple((key, values) for key, values in params if key in fields)
+        used |= {key for key, _ in own}
+        grids.append(MethodGrid(name, own, tuple(args.pruning_preset or ()), tuple(args.flops_target)))
+    unknown = [key for key, _ in params if key not in used]
+    if unknown:
+        raise UsageError(f"--pruning-param {', '.join(unknown)}: no method of --pruning-method "
+                         f"{' '.join(args.pruning_method)} has that parameter")
+    return tuple(grids)
+
+
+def _cost(args: argparse.Namespace) -> Cost | None:
+    """The shape FLOPs targets are solved for: the model's decoder and a prompt of its image tokens + 100 text
+    tokens (None without targets, or when the model path cannot be read: that is reported on its own)."""
+    if not args.flops_target:
+        return None
+    try:
+        spec = model_loading.inspect_model_path(args.model_path)
+    except ValueError:
+        return None
+    if spec.decoder_shape is None or spec.num_image_tokens is None:
+        return None
+    return Cost(spec.decoder_shape, spec.num_image_tokens + 100, spec.num_image_tokens)
 
 
 def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
     """Check everything that can be checked without the model; the `Sweep` to run, or None after a dry run."""
     resolve_paths(args)
     run_configs, inputs = check_inputs(args, lambda: _grid_run_configs(args), GRID_FLAGS)
-    pruned = [c for c in run_configs if c.fastv is not None]
+    pruned = [c for c in run_configs if c.method is not None]
     note_input_warnings(pruned[0] if pruned else run_configs[0], inputs.spec, inputs.problems)
     options = RunOptions(
         output_dir=Path(args.output_dir), image_folder=inputs.image_folder, overwrite=args.overwrite,

@@ -108,7 +108,8 @@ def build_method(name: str, params: dict | None = None) -> PruningMethod:
 def describe_method(cls: type[PruningMethod]) -> str:
     """One line per method for `--help`: name, then each parameter with its default."""
     params = ", ".join(f"{f.name}={_default_text(f)}" for f in cls.parameter_fields() if f.name not in cls.not_in_results)
-    return f"{cls.name}: {params}"
+    presets = f"; presets {', '.join(cls.presets)}" if cls.presets else ""
+    return f"{cls.name}: {params}{presets}"
 
 
 def _default_text(field: dataclasses.Field) -> str:
@@ -120,6 +121,18 @@ def _default_text(field: dataclasses.Field) -> str:
 def describe_methods() -> str:
     """Every registered method with its parameters and defaults."""
     return "\n".join(describe_method(_REGISTRY[n]) for n in available_methods())
+
+
+def method_from_run(run: dict) -> PruningMethod | None:
+    """The method a JSONL header's `run` records (None for the unpruned baseline)."""
+    recorded = run.get("pruning_method")
+    if recorded:
+        return build_method(recorded["name"], recorded.get("parameters") or {})
+    for cls in _REGISTRY.values():
+        method = cls.from_run_section(run)
+        if method is not None:
+            return method
+    return None
 
 
 def method_from_result(section: dict) -> PruningMethod | None:
@@ -138,5 +151,5 @@ from . import dart, divprune, fastv, grid, pdrop, sparsevlm, visionzip  # noqa: 
 
 __all__ = [
     "Choice", "PruningMethod", "Stage", "StageInputs", "available_methods", "build_method", "describe_methods",
-    "get_method_class", "method_from_result", "method_record", "method_reference", "register_method",
+    "get_method_class", "method_from_result", "method_from_run", "method_record", "method_reference", "register_method",
 ]

@@ -155,6 +155,7 @@ class PruningMethod:
     not_in_results: fields that never change what the method answers (left out of fingerprints and labels).
     presets: named settings, e.g. the paper's "192", "128" and "64" token budgets for LLaVA-1.5 (576 image tokens).
     budget_choices: the values the budget parameter can take, when it is not a number on a scale.
+    table_order: where the method's rows go in comparisons (lower first; then by name).
     """
 
     name: ClassVar[str] = ""
@@ -162,6 +163,7 @@ class PruningMethod:
     budget_parameter: ClassVar[str | None] = None
     not_in_results: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict]] = {}
+    table_order: ClassVar[int] = 100
     budget_choices: ClassVar[tuple | None] = None
 
     # -- what a subclass implements --------------------------------------------------------------------------------
@@ -235,6 +237,24 @@ class PruningMethod:
     def check_image_span(self, image_starts: list[int], num_image_tokens: int) -> str | None:
         """A notice when the detected image span (first image position of each row, padding excluded, and the
         image token count) differs from what the method was told to expect; None when fine."""
+        return None
+
+    def run_section(self) -> dict:
+        """How a JSONL header's `run` records this method (read back by `methods.method_from_run`)."""
+        from . import method_record
+
+        return {"fastv": None, "pruning_method": method_record(self)}
+
+    def fingerprint_section(self) -> dict:
+        """What of this method goes into a run's fingerprint: its name and the parameters that change results."""
+        from . import method_reference
+
+        return {"fastv": None, "pruning_method": {"name": method_reference(self),
+                                                  "parameters": jsonable(self.result_parameters())}}
+
+    @classmethod
+    def from_run_section(cls, run: dict) -> "PruningMethod | None":
+        """The method of a header's `run` written before methods were recorded by name (None: not this method)."""
         return None
 
     @classmethod

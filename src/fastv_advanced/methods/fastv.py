@@ -18,6 +18,7 @@ from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range, is_int
 
 GUIDE_ATTENTION_RANK, GUIDE_AGG_LAYER = 288, 2
+DEFAULT_ALPHA = 0.5  # --fast-v-weighted-alpha's default: what a run of another rule records
 RULE_ORDER = ("max_head", "avg_all_heads", "weighted_combination", "random")  # the guide's order
 RULES_WITHOUT_ALPHA = ("max_head", "avg_all_heads", "random")
 FILE_PREFIX_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -42,6 +43,7 @@ class FastVConfig(PruningMethod):
     name: ClassVar[str] = "fastv"
     display_name: ClassVar[str] = "FastV"
     budget_parameter: ClassVar[str] = "attention_rank"
+    table_order: ClassVar[int] = 0
     not_in_results: ClassVar[tuple[str, ...]] = ("sys_length", "image_token_length")
     presets: ClassVar[dict[str, dict]] = {str(n): {"agg_layer": 2, "attention_rank": n} for n in (192, 128, 64)}
 
@@ -178,7 +180,7 @@ class FastVConfig(PruningMethod):
 
     def result_fields(self) -> dict:
         """The guide's `fast_v_*` fields."""
-        return {f"fast_v_{key}": value for key, value in self.to_dict().items() if key != "seed"}
+        return {"use_fast_v": True, **{f"fast_v_{key}": value for key, value in self.to_dict().items() if key != "seed"}}
 
     def check_image_span(self, image_starts: list[int], num_image_tokens: int) -> str | None:
         """The guide's `sys_length` / `image_token_length` against the detected span (they only warn)."""
@@ -190,6 +192,18 @@ class FastVConfig(PruningMethod):
         if not mismatches:
             return None
         return "FastV: " + "; ".join(mismatches) + ". Using the detected image span."
+
+    def run_section(self) -> dict:
+        """`{"fastv": every field}`, as headers recorded FastV before other methods existed."""
+        return {"fastv": self.to_dict()}
+
+    def fingerprint_section(self) -> dict:
+        """`{"fastv": result parameters}`: the fingerprints of files written before other methods existed."""
+        return {"fastv": self.result_parameters()}
+
+    @classmethod
+    def from_run_section(cls, run: dict) -> "FastVConfig | None":
+        return cls(**run["fastv"]) if run.get("fastv") else None
 
     @classmethod
     def from_legacy_result(cls, section: dict) -> "FastVConfig | None":
@@ -204,3 +218,13 @@ class FastVConfig(PruningMethod):
 
 
 FastV = FastVConfig
+
+
+def uses_alpha(rule: str) -> bool:
+    """Whether the selection rule `rule` reads `weighted_alpha`."""
+    return rule == "weighted_combination"
+
+
+def alphas_of(rule: str, alphas: tuple[float, ...]) -> tuple[float, ...]:
+    """The alphas a grid gives `rule`: all of them for weighted_combination, the default for the others."""
+    return alphas if uses_alpha(rule) else (DEFAULT_ALPHA,)
