@@ -65,32 +65,42 @@ class Cost:
 @dataclass(frozen=True)
 class MethodGrid:
     """One pruning method over a grid: every combination of the `params` values (name -> values, command-line text
-    or values), under each of its `presets` (none: its defaults), and with its budget parameter solved for each of
-    `flops_targets` (none: as given)."""
+    or values), under each of its `presets` that it has (none: its defaults; presets are written for 32 decoder
+    layers and are moved to the same relative depth of a model of `num_layers`), and with its budget parameter
+    solved for each of `flops_targets` (none: as given)."""
 
     name: str
     params: tuple[tuple[str, tuple], ...] = ()
     presets: tuple[str, ...] = ()
     flops_targets: tuple[float, ...] = ()
+    num_layers: int | None = None
 
     def methods(self, cost: Cost | None = None) -> list[PruningMethod]:
         """The grid's methods in order (presets, then parameter combinations, then targets); `FieldError` for a
         bad value, ValueError for an unknown preset or a FLOPs target without a `cost`."""
         cls = get_method_class(self.name)
-        unknown = [p for p in self.presets if p not in cls.presets]
-        if unknown:
-            raise ValueError(f"pruning method {self.name!r} has no preset {', '.join(unknown)}; its presets: "
-                             f"{', '.join(cls.presets) or 'none'}")
+        presets = [p for p in self.presets if p in cls.presets]
+        if self.presets and not presets:
+            raise ValueError(f"pruning method {self.name!r} has none of the presets {', '.join(self.presets)}; its "
+                             f"presets: {', '.join(cls.presets) or 'none'}")
         names = [name for name, _ in self.params]
         combinations = [dict(zip(names, values)) for values in product(*(values for _, values in self.params))]
-        methods = [build_checked(self.name, {**(cls.presets[p] if p else {}), **combo})
-                   for p in (self.presets or (None,)) for combo in combinations]
+        methods = [self._preset(cls, p, combo) for p in (presets or [None]) for combo in combinations]
         if not self.flops_targets:
             return methods
         if cost is None:
             raise ValueError("--flops-target needs the model's shape, which could not be read from its config")
         return [solve_budget(m, t, cost.shape, cost.num_tokens, cost.num_image_tokens)
                 for m in methods for t in self.flops_targets]
+
+
+    def _preset(self, cls, preset: str | None, params: dict) -> PruningMethod:
+        if preset is None:
+            return build_checked(self.name, params)
+        method = build_checked(self.name, cls.presets[preset])
+        if self.num_layers is not None:
+            method = method.scaled_to(self.num_layers)
+        return build_checked(self.name, {**method.parameters(), **params})
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 #   bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh --model-path ./models/llava-1.5-7b-hf --gpu 0 \
 #       -- --dtype bfloat16                                                # after "--": passed to fastv-sweep
 #   FASTV_EMBEDDED=1 bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh    # embedded tiny model and data
+#   ZOO=1 FASTV_EMBEDDED=1 bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh  # every method, 3 budgets
 #
 # Settings (environment variable / option, default = the guide's value):
 #   MODEL_PATH     --model-path     liuhaotian/llava-v1.5-7b (a local folder; hub ids must be in the local cache)
@@ -18,6 +19,9 @@
 #                                   (GPU="" hides every GPU: a CPU run).
 #   OUTPUT_DIR     --output-dir     . (the result files land where the compare step looks by default)
 #   COMPARE        --no-compare     1: print the comparison table at the end (0 / --no-compare: skip it)
+#   ZOO            --zoo            0: the guide's suite; 1: the method zoo instead: baseline and every pruning method
+#                                   at its papers' 192 / 128 / 64-token presets (uniform and pool: 144 / 64), layers
+#                                   moved to the model's depth; the comparison also draws OUTPUT_DIR/zoo.png
 #   PYTHON                          python
 # Any other option is passed to fastv-sweep (e.g. --dtype bfloat16, --max-new-tokens 8, --overwrite, --dry-run).
 #
@@ -29,7 +33,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/../../.." && pwd)"
 
 usage() {
-    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 GPU_GIVEN=${GPU+yes}
@@ -43,6 +47,7 @@ while (($#)); do
         --output-dir) OUTPUT_DIR="$2"; shift 2 ;;
         --gpu) GPU="$2"; GPU_GIVEN=yes; shift 2 ;;
         --no-compare) COMPARE=0; shift ;;
+        --zoo) ZOO=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; EXTRA_ARGS+=("$@"); break ;;
         *) EXTRA_ARGS+=("$1"); shift ;;
@@ -56,6 +61,8 @@ NUM_SAMPLES="${NUM_SAMPLES:-100}"
 OUTPUT_DIR="${OUTPUT_DIR:-.}"
 COMPARE="${COMPARE:-1}"
 PYTHON="${PYTHON:-python}"
+ZOO="${ZOO:-0}"
+ZOO_METHODS=(fastv pdrop sparsevlm dart visionzip divprune uniform pool)
 
 # GPU: an explicit value always wins; the guide's default (2) only where that GPU exists, so that the same command
 # does not silently hide every GPU on a smaller machine or break a CPU run.
@@ -109,12 +116,23 @@ case "${embedded_value}" in
         EMBEDDED_NOTE=" (FASTV_EMBEDDED is on: the embedded tiny model and data)" ;;
 esac
 
-echo "FastV Advanced suite: baseline, max_head, avg_all_heads, weighted_combination alpha 0.3/0.5/0.7 (R=288, K=2)"
+if [[ "${ZOO}" != "0" ]]; then
+    echo "FastV Advanced method zoo: baseline, ${ZOO_METHODS[*]} at the 192/128/64-token presets (uniform, pool: 144/64)"
+    GRID_ARGS=(--pruning-method "${ZOO_METHODS[@]}" --pruning-preset 192 144 128 64)
+    STEP_NAME="sweep (23 configurations, one model load)"
+    PLOT_ARGS=(--plot "${OUTPUT_DIR}/zoo.png")
+else
+    echo "FastV Advanced suite: baseline, max_head, avg_all_heads, weighted_combination alpha 0.3/0.5/0.7 (R=288, K=2)"
+    GRID_ARGS=(--fast-v-sys-length 35 --fast-v-image-token-length 576 --ranks 288 --agg-layers 2
+               --methods max_head avg_all_heads weighted_combination --alphas 0.3 0.5 0.7)
+    STEP_NAME="sweep (6 configurations, one model load)"
+    PLOT_ARGS=()
+fi
 echo "  model ${SHOWN_MODEL}${EMBEDDED_NOTE}"
 echo "  questions ${SHOWN_QUESTIONS}; images ${SHOWN_IMAGES}; samples ${NUM_SAMPLES}"
 echo "  output ${OUTPUT_DIR}; ${GPU_NOTE}"
 
-STEP="sweep (6 configurations, one model load)"
+STEP="${STEP_NAME}"
 echo
 echo "== step 1/2: ${STEP}"
 "${PYTHON}" -m fastv_advanced.cli.sweep \
@@ -122,12 +140,7 @@ echo "== step 1/2: ${STEP}"
     --question-file "${QUESTION_FILE}" \
     --image-folder "${IMAGE_FOLDER}" \
     --single-pred-prompt \
-    --fast-v-sys-length 35 \
-    --fast-v-image-token-length 576 \
-    --ranks 288 \
-    --agg-layers 2 \
-    --methods max_head avg_all_heads weighted_combination \
-    --alphas 0.3 0.5 0.7 \
+    "${GRID_ARGS[@]}" \
     --baseline \
     ${NUM_SAMPLES_ARGS[@]+"${NUM_SAMPLES_ARGS[@]}"} \
     --output-dir "${OUTPUT_DIR}" \
@@ -144,7 +157,8 @@ if [[ "${COMPARE}" != "0" ]]; then
     STEP="compare (compare_fastv_results.py --results-dir ${OUTPUT_DIR})"
     echo
     echo "== step 2/2: ${STEP}"
-    "${PYTHON}" "${SCRIPT_DIR}/compare_fastv_results.py" --results-dir "${OUTPUT_DIR}"
+    "${PYTHON}" "${SCRIPT_DIR}/compare_fastv_results.py" --results-dir "${OUTPUT_DIR}" \
+        ${PLOT_ARGS[@]+"${PLOT_ARGS[@]}"}
 fi
 STEP=""
 echo

@@ -144,11 +144,25 @@ def method_from_args(args: argparse.Namespace):
         if args.pruning_preset not in cls.presets:
             raise UsageError(f"--pruning-preset {args.pruning_preset}: {args.pruning_method} has the presets "
                              f"{', '.join(cls.presets) or '(none)'}")
-        params = {**cls.presets[args.pruning_preset], **params}
+        params = {**_scaled_preset(args, cls, args.pruning_preset), **params}
     try:
         return build_checked(args.pruning_method, params)
     except ValueError as exc:
         raise flag_error(exc, {}) from exc
+
+
+def _scaled_preset(args: argparse.Namespace, cls, preset: str) -> dict:
+    """A preset's parameters, its layers moved to the model's depth when it is not the presets' 32 (with a note)."""
+    method = build_checked(args.pruning_method, cls.presets[preset])
+    try:
+        layers = model_loading.inspect_model_path(args.model_path).num_layers
+    except ValueError:
+        return method.parameters()  # the model path's problem is reported on its own
+    if layers is not None and layers != method.reference_layers:
+        print(f"note: --pruning-preset {preset} is written for {method.reference_layers} decoder layers; its layers "
+              f"are moved to the same relative depth of this model's {layers}", file=sys.stderr)
+        method = method.scaled_to(layers)
+    return method.parameters()
 
 
 def describe(args: argparse.Namespace, run_config: RunConfig, inputs: Inputs, shards: int) -> str:

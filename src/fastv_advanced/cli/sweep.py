@@ -194,12 +194,27 @@ def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
             raise UsageError(f"--pruning-method: {exc}") from exc
         own = tuple((key, values) for key, values in params if key in fields)
         used |= {key for key, _ in own}
-        grids.append(MethodGrid(name, own, tuple(args.pruning_preset or ()), tuple(args.flops_target)))
+        grids.append(MethodGrid(name, own, tuple(args.pruning_preset or ()), tuple(args.flops_target),
+                                _model_layers(args) if args.pruning_preset else None))
     unknown = [key for key, _ in params if key not in used]
     if unknown:
         raise UsageError(f"--pruning-param {', '.join(unknown)}: no method of --pruning-method "
                          f"{' '.join(args.pruning_method)} has that parameter")
     return tuple(grids)
+
+
+def _model_layers(args: argparse.Namespace) -> int | None:
+    """The model's decoder layers, which presets are scaled to (None when the model path cannot be read: that is
+    reported on its own); a note when they are not the presets' 32."""
+    try:
+        layers = model_loading.inspect_model_path(args.model_path).num_layers
+    except ValueError:
+        return None
+    if layers is not None and layers != 32 and not getattr(args, "_noted_scaling", False):
+        args._noted_scaling = True
+        print(f"note: presets are written for 32 decoder layers; their layers are moved to the same relative depth "
+              f"of this model's {layers}", file=sys.stderr)
+    return layers
 
 
 def _cost(args: argparse.Namespace) -> Cost | None:

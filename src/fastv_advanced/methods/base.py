@@ -156,6 +156,9 @@ class PruningMethod:
     presets: named settings, e.g. the paper's "192", "128" and "64" token budgets for LLaVA-1.5 (576 image tokens).
     budget_choices: the values the budget parameter can take, when it is not a number on a scale.
     table_order: where the method's rows go in comparisons (lower first; then by name).
+    layer_parameters: fields that are decoder-layer indices (an int or a tuple), with their allowed range as
+        (lowest, distance of the highest from the layer count): `scaled_to` maps them to another depth.
+    reference_layers: the depth the presets were written for (LLaVA-1.5's 32 layers).
     """
 
     name: ClassVar[str] = ""
@@ -164,6 +167,8 @@ class PruningMethod:
     not_in_results: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict]] = {}
     table_order: ClassVar[int] = 100
+    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {}
+    reference_layers: ClassVar[int] = 32
     budget_choices: ClassVar[tuple | None] = None
 
     # -- what a subclass implements --------------------------------------------------------------------------------
@@ -181,6 +186,29 @@ class PruningMethod:
         """(stage layer, image tokens left after it) for a prompt of `num_image_tokens` image tokens, without running
         the model (theoretical FLOPs, budget solving)."""
         raise NotImplementedError(f"{type(self).__name__} does not say how many tokens it keeps")
+
+    def scaled_to(self, num_layers: int) -> "PruningMethod":
+        """This method with its layer parameters moved to the same relative depth in a decoder of `num_layers`
+        layers: layer l -> round(l * num_layers / reference_layers), clamped to the parameter's range, a list kept
+        distinct and ascending where the depth allows. Unchanged at the reference depth."""
+        if num_layers == self.reference_layers or not self.layer_parameters:
+            return self
+        changes = {}
+        for name, (lowest, from_end) in self.layer_parameters.items():
+            value = getattr(self, name)
+            highest = num_layers - from_end
+            mapped = [min(max(round(v * num_layers / self.reference_layers), lowest), highest)
+                      for v in (value if isinstance(value, tuple) else (value,))]
+            for i in range(1, len(mapped)):  # keep a list distinct where there is room
+                if mapped[i] <= mapped[i - 1] and mapped[i - 1] < highest:
+                    mapped[i] = mapped[i - 1] + 1
+            mapped = sorted(set(mapped))
+            changes[name] = tuple(mapped) if isinstance(value, tuple) else mapped[0]
+        return dataclasses.replace(self, **self._fit_scaled(changes))
+
+    def _fit_scaled(self, changes: dict) -> dict:
+        """Other parameters that must follow a change of the layer parameters (e.g. one value per layer)."""
+        return changes
 
     # -- parameters, generic -----------------------------------------------------------------------------------
 
