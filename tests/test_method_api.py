@@ -132,3 +132,15 @@ def test_budget_solving_meets_a_flops_target_for_every_method():
             assert build_method(name, params).kept_per_stage(32, 576), (name, label)
     with pytest.raises(ValueError, match=r"outside the allowed range \(0, 1\]"):
         solve_budget(build_method("dart"), 1.5, shape, tokens, 576)
+
+
+def test_presets_move_to_the_same_relative_depth():
+    pdrop = build_method("pdrop", {"layers": "2,8,16"})
+    assert pdrop.scaled_to(32) is pdrop
+    assert pdrop.scaled_to(40).layers == (2, 10, 20)  # round(2*40/32)=2, round(8*40/32)=10, round(16*40/32)=20
+    assert pdrop.scaled_to(8).layers == (1, 2, 4)  # round(0.5)=0 -> at least 1; 2; 4
+    assert pdrop.scaled_to(4).layers == (1, 2, 3)  # 0, 1, 2 -> clamped to >= 1 and kept distinct
+    sparse = build_method("sparsevlm", {"budget": "64"})
+    assert sparse.scaled_to(4).layers == (0, 1, 2) and sparse.scaled_to(4).keep == (66, 30, 17)
+    assert build_method("fastv").scaled_to(16).agg_layer == 1 and build_method("dart").scaled_to(64).layer == 4
+    assert build_method("visionzip").scaled_to(4) == build_method("visionzip")
