@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 import subprocess
 from pathlib import Path
 from typing import Iterable
@@ -54,8 +55,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+BUSY_SAMPLE_S = 0.2  # how long the start of a CPU run samples the other processes' load
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many cores other processes kept busy over `seconds` (from /proc/stat while this one sleeps; None where
+    /proc/stat cannot be read)."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(x) for x in handle.readline().split()[1:]]
+        return sum(values[:8]), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return 0.0
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
 def environment_info(device: str, device_label: str) -> dict:
-    """Versions, device and git commit, for the result file."""
+    """Versions, device, git commit and, on a CPU, how many cores other processes kept busy at the start (the
+    comparison warns about timings when that is high), for the result file."""
     import transformers
 
     from . import __version__
@@ -70,6 +94,7 @@ def environment_info(device: str, device_label: str) -> dict:
         "device_name": device_label,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_commit": git_commit(),
+        "busy_cores": busy_cores(BUSY_SAMPLE_S) if torch.device(device).type == "cpu" else None,
     }
     try:
         import accelerate
