@@ -137,3 +137,21 @@ def test_errors_name_the_flag_file_or_question(results, tmp_path, capsys):
                                 for r in lines))
     code, _, err = run_cli(capsys, "--results-dir", results)
     assert code == 2 and "no per-sample record has kept_image_indices" in err and "--save-selection" in err
+
+
+def test_run_mode_evaluates_a_few_questions_then_draws(tiny_model_dir, question_set, tmp_path, capsys,
+                                                      one_torch_thread):
+    from fastv_advanced.cli import visualize as visualize_cli
+
+    question_file, images = question_set
+    out = tmp_path / "pictures"
+    code = visualize_cli.main(["--results-dir", str(out), "--run", "2", "--", "--model-path", str(tiny_model_dir),
+                               "--question-file", str(question_file), "--image-folder", str(images),
+                               "--max-new-tokens", "2", "--no-progress", "--no-baseline",
+                               "--pruning-method", "dart", "uniform", "--pruning-param", "max_num_truncation=16"])
+    assert code == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "scienceqa_results_dart_max_num_truncation16.jsonl").open()]
+    samples = [r for r in records if r["type"] == "sample"]
+    assert len(samples) == 2 and len(samples[0]["kept_image_indices"]) == 20
+    assert (out / "kept_patches.png").stat().st_size > 0 and (out / "keep_frequency.png").stat().st_size > 0
+    assert visualize_cli.main(["--results-dir", str(out), "--run", "0", "--", "--model-path", "x"]) == 2

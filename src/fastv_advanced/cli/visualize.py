@@ -2,8 +2,10 @@
 
 Reads the result files of `--results-dir` and their per-sample records written with `--save-selection`, and draws
 (1) for chosen questions, the image as the model saw it with each configuration's kept patches side by side, and
-(2) over the whole run, how often each patch position was kept, one heatmap per configuration. Exit status 2 for
-anything that cannot be drawn (the message names the flag, file or question), 1 without matplotlib.
+(2) over the whole run, how often each patch position was kept, one heatmap per configuration. With `--run N -- SWEEP
+FLAGS` it first runs the model itself: `fastv-sweep SWEEP FLAGS --save-selection` on the first N questions into
+`--results-dir`. Exit status 2 for anything that cannot be drawn (the message names the flag, file or question), 1
+without matplotlib.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastv-visualize",
         description="Draw which image patches each configuration kept, from the per-sample records of a results "
-        "folder (run eval_scivqa.py, fastv-sweep or the suite script with --save-selection first).",
+        "folder (run eval_scivqa.py, fastv-sweep or the suite script with --save-selection first, or use --run).",
+        epilog="example: fastv-visualize --results-dir runs/pictures --run 5 -- --model-path MODEL --question-file Q "
+        "--image-folder I --single-pred-prompt --pruning-method dart visionzip --pruning-preset 64",
     )
+    parser.add_argument("--run", type=int, metavar="N", default=None, help="first run fastv-sweep with the flags "
+                        "after '--' (and --save-selection) on the first N questions, into --results-dir")
     parser.add_argument("--results-dir", default=".", help="folder with the scienceqa_results_*.json files and "
                         "their .jsonl records (default: the current directory)")
     parser.add_argument("--question-id", nargs="+", metavar="ID", default=None, help="questions to draw (default: "
@@ -53,7 +59,19 @@ def draw(args: argparse.Namespace) -> None:
 
 
 def _visualize(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.run is not None:
+        if args.run < 1 or not sweep_args:
+            print("error: --run N needs N >= 1 and the sweep's flags after '--'", file=sys.stderr)
+            return 2
+        from . import sweep
+
+        code = sweep.main(sweep_args + ["--save-selection", "--num-samples", str(args.run), "--output-dir",
+                                        str(args.results_dir)])
+        if code != 0:
+            return code
     try:
         draw(args)
     except visualize.VisualizeError as exc:
