@@ -112,3 +112,27 @@ def test_sweep_presets_and_flops_targets(tiny_model_dir, question_set, tmp_path,
     assert sweep.main(args + ["--pruning-method", "fastv", "--flops-target", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "scienceqa_results_fastv_avg_all_heads_rank" in printed
+
+
+@pytest.mark.parametrize("name", ["scienceqa_results_fastv_weighted_combination_alpha0.7",
+                                  "scienceqa_results_baseline", "scienceqa_results_fastv_random_rank144_k2"])
+def test_files_written_before_methods_keep_their_fingerprint_and_name(name):
+    """Headers written by the version before pruning methods existed (tests/data/legacy): the configuration they
+    record, read back, has the same fingerprint and file name, so those files are resumed, not refused."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fastv_advanced.model_loading import ModelInfo
+    from fastv_advanced.run_config import RunConfig, fingerprint_config, result_stem
+    from fastv_advanced.run_files import fingerprint_of
+
+    header = json.loads((Path(__file__).parent / "data" / "legacy" / f"{name}.header.json").read_text())
+    recorded = header["config"]
+    run_config = RunConfig.from_dict(recorded["run"])
+    model = recorded["model"]
+    info = ModelInfo(model_path=model["path"], model_base=model["base"], format=model["format"], dtype=model["dtype"],
+                     device=model["device_type"], device_name="", num_layers=4, num_image_tokens=576,
+                     image_processor="", image_aspect_ratio="pad")
+    questions = SimpleNamespace(**recorded["questions"])
+    assert fingerprint_of(fingerprint_config(run_config, info, questions)) == header["fingerprint"]
+    assert result_stem(run_config) + ".json" == header["result_name"] == f"{name}.json"
