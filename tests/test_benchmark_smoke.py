@@ -256,3 +256,11 @@ def test_stage_timer_counts_each_part_once_and_changes_nothing(tiny, name, param
         assert t["capture"] > 0
     else:  # PyramidDrop computes each stage layer's own attention inside the stage: counted once, as inputs
         assert t["capture"] == 0 and t["inputs"] > 0
+
+
+def test_profile_choose_profiles_each_stage_of_a_method():
+    import profile_choose
+
+    out = profile_choose.main(["--preset", "tiny", "--threads", "1", "--reps", "1", "zoo/pdrop/64", "zoo/pool/64"])
+    assert set(out) == {"zoo/pdrop/64#0", "zoo/pdrop/64#1", "zoo/pdrop/64#2", "zoo/pool/64#0"}
+    assert all(v["seconds"] > 0 and "Self CPU" in v["table"] for v in out.values())
