@@ -21,7 +21,8 @@ wrappers never touch a timed prefill): `StageTimer` wraps, for the duration of o
 "selection" = `choose` + `select_drop` (what issue 12 asks to stay small); "stage work" = `capture` + `stage`,
 everything pruning adds to a prefill except the per-prefill lookup of the image tokens (`image_lookup`, reported
 in the JSON). Only the outermost wrapped call counts, so nothing is counted twice (PyramidDrop's own attention
-calls `last_query_attention` inside `inputs`). Shares are of the same configuration's median timed prefill.
+calls `last_query_attention` inside `inputs`). A share is the median, over the instrumented prefills, of the part's
+time over that prefill's own time: same run, same machine load (the timed rounds may have run under another).
 """
 
 from __future__ import annotations
@@ -154,22 +155,24 @@ def zoo_rows(bench: Bench, configs: list[Config], shape, n_tokens: int, n_image:
             speedup_paired = 1.0 if config.mode == "baseline" else paired[label].get(config.key)
             row.update(_speedup_columns(label, s, base, speedup_paired, row[f"{label}_s"], row["theoretical_speedup"]))
         if config.key in stage:
-            row.update(_stage_columns(stage[config.key], row["prefill_s"]))
+            row.update(_stage_columns(stage[config.key]))
         rows.append(row)
     return rows
 
 
-def _stage_columns(entry: dict, prefill_s: float | None) -> dict:
-    times = {k: median(v) for k, v in entry["stage_seconds"].items()}
-    selection = times["choose"] + times["select_drop"]
-    work = times["capture"] + times["stage"]
+def _stage_columns(entry: dict) -> dict:
+    """Medians over the instrumented prefills; each share is the median over them of (part / that prefill)."""
+    samples, prefills = entry["stage_seconds"], entry["instrumented_prefill_s"]
+    times = {k: median(v) for k, v in samples.items()}
+    selection = [c + d for c, d in zip(samples["choose"], samples["select_drop"])]
+    work = [c + s for c, s in zip(samples["capture"], samples["stage"])]
     return {
-        "stage_seconds": times, "stage_seconds_samples": entry["stage_seconds"],
+        "stage_seconds": times, "stage_seconds_samples": samples,
         "stage_other_s": max(0.0, times["stage"] - times["inputs"] - times["choose"] - times["select_drop"]),
-        "selection_s": selection, "stage_work_s": work,
-        "selection_share": selection / prefill_s if prefill_s else None,
-        "stage_work_share": work / prefill_s if prefill_s else None,
-        "instrumented_prefill_s": median(entry["instrumented_prefill_s"]),
+        "selection_s": median(selection), "stage_work_s": median(work),
+        "selection_share": median([x / p for x, p in zip(selection, prefills)]),
+        "stage_work_share": median([x / p for x, p in zip(work, prefills)]),
+        "instrumented_prefill_s": median(prefills), "instrumented_prefill_samples_s": prefills,
         "measured_kept_per_stage": entry.get("kept_per_stage"), "logits_finite": entry.get("logits_finite"),
     }
 
@@ -189,7 +192,7 @@ def zoo_checks(rows: list[dict]) -> list[str]:
         share = r.get("stage_work_share")
         if share is not None and share > SHARE_WARNING:
             notes.append(f"{r['key']}: stage work takes {share:.1%} of the prefill ({r['stage_work_s'] * 1e3:.1f} of "
-                         f"{r['prefill_s'] * 1e3:.1f} ms; selection {r['selection_share']:.1%}), above "
+                         f"{r['instrumented_prefill_s'] * 1e3:.1f} ms; selection {r['selection_share']:.1%}), above "
                          f"{SHARE_WARNING:.0%}")
     return notes
 
@@ -211,8 +214,11 @@ def zoo_markdown(result: dict) -> str:
         f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up round(s), "
         f"baseline re-run after every {meta['anchor_every']} configurations; × = ratio of medians against the "
-        f"unpruned baseline; theor. × = 1 / planned decoder FLOPs ratio (`budget.planned_flops`); stage work "
-        f"from {meta['stage_reps']} instrumented prefill(s) per configuration (medians)",
+        f"unpruned baseline; paired = median over runs of (neighbouring baseline runs) / (run), robust to load that "
+        f"drifts; theor. × = 1 / planned decoder FLOPs ratio (`budget.planned_flops`); selection (choose + top-R + "
+        f"drop) and stage work (+ attention rows, keys, vision features, own attention) from "
+        f"{meta['stage_reps']} instrumented prefill(s) per configuration after the rounds: medians, shares of "
+        f"those prefills",
         f"- layer mapping: {meta['layer_rule']}",
         "",
         "### Prefill speed-up against theoretical, and the share of the prefill the method's own work takes",
