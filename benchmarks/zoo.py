@@ -154,10 +154,22 @@ def zoo_rows(bench: Bench, configs: list[Config], shape, n_tokens: int, n_image:
         for label in ("prefill", "decoder"):
             speedup_paired = 1.0 if config.mode == "baseline" else paired[label].get(config.key)
             row.update(_speedup_columns(label, s, base, speedup_paired, row[f"{label}_s"], row["theoretical_speedup"]))
+        row.update(_ceiling_columns(rows[0] if rows else row, row["flops_ratio"], row["theoretical_speedup"]))
         if config.key in stage:
             row.update(_stage_columns(stage[config.key]))
         rows.append(row)
     return rows
+
+
+def _ceiling_columns(baseline: dict, flops_ratio: float, theory: float) -> dict:
+    """The whole prefill's speed-up if the decoder met its FLOPs ratio exactly and the rest of the prefill (vision
+    tower, projector, embeddings, logits: the baseline's prefill - decoder) stayed as it is; and that over the
+    theoretical speed-up, the most the prefill column can reach."""
+    prefill, decoder = baseline.get("prefill_s"), baseline.get("decoder_s")
+    if not prefill or not decoder:
+        return {"ceiling_speedup": None, "ceiling_over_theoretical": None}
+    ceiling = prefill / (prefill - decoder + decoder * flops_ratio)
+    return {"ceiling_speedup": ceiling, "ceiling_over_theoretical": ceiling / theory}
 
 
 def _stage_columns(entry: dict) -> dict:
@@ -215,7 +227,8 @@ def zoo_markdown(result: dict) -> str:
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up round(s), "
         f"baseline re-run after every {meta['anchor_every']} configurations; × = ratio of medians against the "
         f"unpruned baseline; paired = median over runs of (neighbouring baseline runs) / (run), robust to load that "
-        f"drifts; theor. × = 1 / planned decoder FLOPs ratio (`budget.planned_flops`); selection (choose + top-R + "
+        f"drifts; theor. × = 1 / planned decoder FLOPs ratio (`budget.planned_flops`); ceiling = the prefill's "
+        f"speed-up if the decoder met that ratio and the rest (vision tower, projector, logits) stayed; selection (choose + top-R + "
         f"drop) and stage work (+ attention rows, keys, vision features, own attention) from "
         f"{meta['stage_reps']} instrumented prefill(s) per configuration after the rounds: medians, shares of "
         f"those prefills",
@@ -224,8 +237,9 @@ def zoo_markdown(result: dict) -> str:
         "### Prefill speed-up against theoretical, and the share of the prefill the method's own work takes",
         "",
         "| method | preset | settings run | image tokens / layer (mean) | FLOPs ratio | theor. × | prefill ms | × "
-        "| ×/theor. | decoder × | ×/theor. | paired ×/theor. | selection ms | share | stage work ms | share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ×/theor. | decoder × | ×/theor. | paired ×/theor. | ceiling ÷ theor. | selection ms | share | stage work ms "
+        "| share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         settings = ", ".join(f"{k}={_short(v)}" for k, v in (r.get("parameters") or {}).items())
@@ -235,7 +249,7 @@ def zoo_markdown(result: dict) -> str:
             f"{fmt(r['prefill_s'], '.1f', 1e3)} | {fmt(r['prefill_speedup'])} | "
             f"{fmt(r['prefill_speedup_over_theoretical'])} | {fmt(r['decoder_speedup'])} | "
             f"{fmt(r['decoder_speedup_over_theoretical'])} | {fmt(r['prefill_speedup_paired_over_theoretical'])} | "
-            f"{fmt(r.get('selection_s'), '.2f', 1e3)} | {fmt(r.get('selection_share'), '.2%')} | "
+            f"{fmt(r['ceiling_over_theoretical'])} | {fmt(r.get('selection_s'), '.2f', 1e3)} | {fmt(r.get('selection_share'), '.2%')} | "
             f"{fmt(r.get('stage_work_s'), '.2f', 1e3)} | {fmt(r.get('stage_work_share'), '.2%')} |"
         )
     lines += [

@@ -182,6 +182,7 @@ def test_zoo_cli_smoke_reports_a_row_per_method_and_preset(tmp_path, capsys):
                       "decoder_speedup_over_theoretical", "prefill_speedup_paired_over_theoretical"):
             assert row[field] > 0, (key, field)
         assert row["decoder_s"] < row["prefill_s"]
+        assert 0 < row["ceiling_over_theoretical"] < 1  # the vision tower and logits are not pruned
         # shares only > 0: one instrumented run of a millisecond prefill on a shared machine can be preempted
         assert 0 < row["selection_s"] <= row["stage_work_s"] and row["selection_share"] > 0
         assert row["stage_work_share"] == pytest.approx(row["stage_work_s"] / row["instrumented_prefill_s"])
