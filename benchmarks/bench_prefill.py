@@ -4,6 +4,8 @@
     python benchmarks/bench_prefill.py --preset scaled            # CPU, fp32, scaled LLaVA shapes (~7-8 min, 2 quiet cores)
     python benchmarks/bench_prefill.py --preset llava7b           # one CUDA GPU, fp16, LLaVA-1.5-7B shapes (< 5 min)
     python benchmarks/bench_prefill.py --preset llava7b --device cpu --smoke   # CPU crash check of the GPU path
+    python benchmarks/bench_prefill.py --preset scaled --zoo --threads 1     # every pruning method at 192/128/64
+    python benchmarks/bench_prefill.py --preset llava7b --zoo                # the same on one CUDA GPU, 7B shapes
 
 Random weights are created directly on the device; nothing is downloaded. Modes, all on the same prompt:
 
@@ -12,6 +14,10 @@ Random weights are created directly on the device; nothing is downloaded. Modes,
     mask            research-repo FastV: same selection, dropped tokens only masked as keys in layers >= K
     eager_baseline  unpruned model, eager attention
     eager_fastv     original FastV: eager attention, full layer K-1 attention weights, physical drop
+
+With --zoo (or --methods NAME ...), the run compares instead every pruning method of the package at its papers'
+presets (192 / 128 / 64 image tokens; uniform and pool 144 / 64), mapped to the model's layers (zoo_methods.py),
+against the baseline and their theoretical speed-up, and times each method's stage work (zoo.py).
 
 Timings are medians over rounds in which every configuration runs once, in a shuffled order (the baseline again
 after every few configurations), after a warm-up round, so that drift hits all configurations alike. "prefill" is one forward of
@@ -55,6 +61,8 @@ from presets import (  # noqa: E402
 from report import checks, markdown, selection_summary, summarise, targets  # noqa: E402
 from selection_cost import selection_inputs, selection_memory_scaling  # noqa: E402
 from timing import Bench, profile_prefill, run_rounds  # noqa: E402
+from zoo import ZOO_TIME_BUDGET_S, instrumented_pass, zoo_checks, zoo_configs, zoo_markdown, zoo_rows  # noqa: E402
+from zoo_methods import LAYER_RULE, ZOO_METHODS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,6 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--cpu-memory", choices=("subprocess", "inprocess"), default="subprocess",
                    help="CPU peak memory: a fresh process per configuration (default; sound) or in this process "
                         "(fast, but the resident set then also reflects what ran before: for tests only)")
+    p.add_argument("--zoo", action="store_true",
+                   help="compare every pruning method at its papers' presets instead of FastV's grid (no end-to-end "
+                        "or memory phase)")
+    p.add_argument("--methods", nargs="+", choices=ZOO_METHODS, metavar="NAME",
+                   help=f"the methods of --zoo (implies --zoo; default: all of {', '.join(ZOO_METHODS)})")
+    p.add_argument("--stage-reps", type=int,
+                   help="--zoo: instrumented prefills per configuration that time the stage work (default 5; smoke 1)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)  # internal: measure one configuration's CPU memory
     return p.parse_args(argv)
 
@@ -149,6 +164,8 @@ def _run(argv=None) -> dict:
     out_dir = Path(args.out)
     if args.profile and args.profile_only:
         return _profile_only(run, out_dir, stem)
+    if args.zoo or args.methods:
+        return _zoo_run(run, out_dir, stem.replace("bench_prefill_", "bench_prefill_zoo_", 1))
 
     configs = _configurations(run)
     busy_before = busy_cores() if device.type == "cpu" else None
@@ -207,6 +224,48 @@ def _start(argv) -> Run:
     run.stamp(f"model built: {sum(p.numel() for p in run.model.parameters()) / 1e6:.0f} M params; prompt "
               f"{run.n_tokens} tokens, {run.n_image} image tokens")
     return run
+
+
+def _zoo_run(run: Run, out_dir: Path, stem: str) -> dict:
+    """--zoo: warm-up, interleaved prefill rounds of the baseline and every method x preset, then the instrumented
+    pass that times each one's stage work; writes the zoo report."""
+    args, settings, device = run.args, run.settings, run.device
+    if args.time_budget is None:
+        settings["time_budget_s"] = ZOO_TIME_BUDGET_S[args.preset]
+    stage_reps = args.stage_reps or (1 if args.smoke else 5)
+    configs = [Config("baseline")] + zoo_configs(args.methods)
+    busy_before = busy_cores() if device.type == "cpu" else None
+    busy = busy_machine_note(device, busy_before)
+    if busy:
+        run.log(f"WARNING: {busy}")
+    bench = Bench(run.model, run.inputs, device, run.n_image, measure_memory_in_timed_runs=False)
+    for _ in range(2):
+        bench.prefill(Config("baseline"), record=False)
+    for _ in range(settings["warmup"]):
+        for config in configs:
+            bench.prefill(config, record=False)
+    run.stamp(f"warm-up done ({len(configs)} configurations)")
+    # the instrumented pass runs each method stage_reps times: about stage_reps x 0.6 of a round (no baselines)
+    rounds = run_rounds(configs, bench.prefill, settings["min_reps"], settings["max_reps"],
+                        run.t_start + settings["time_budget_s"], args.seed, settings["anchor_every"], run.log,
+                        "zoo prefill", reserve_rounds=max(1, round(0.6 * stage_reps)),
+                        on_round=lambda r: setattr(bench, "round", r))
+    run.stamp(f"prefill done ({rounds} rounds)")
+    stage = instrumented_pass(bench, configs[1:], stage_reps)
+    run.stamp(f"stage work timed ({stage_reps} instrumented prefill(s) per configuration)")
+    rows = zoo_rows(bench, configs[1:], run.shape, run.n_tokens, run.n_image, stage)
+    meta = _meta(run, busy_before, rounds, 0, "not measured with --zoo")
+    meta.update(zoo=True, methods=list(args.methods or ZOO_METHODS), stage_reps=stage_reps, layer_rule=LAYER_RULE)
+    for key in ("e2e_rounds", "new_tokens", "e2e_subset"):
+        meta.pop(key)
+    notes = ([busy] if busy else []) + zoo_checks(rows)
+    if rounds < settings["max_reps"]:
+        notes.append(f"time budget ({settings['time_budget_s']:.0f} s) cut the prefill rounds to {rounds} "
+                     f"(maximum {settings['max_reps']})")
+    result = {"meta": meta, "rows": rows, "notes": notes}
+    result["meta"]["elapsed_s"] = time.time() - run.t_start
+    _write(run, result, out_dir, stem, zoo_markdown)
+    return result
 
 
 def _profile_only(run: Run, out_dir: Path, stem: str) -> dict:
@@ -361,9 +420,9 @@ def _meta(run: Run, busy_before, prefill_rounds: int, e2e_rounds: int, memory_me
     }
 
 
-def _write(run: Run, result: dict, out_dir: Path, stem: str) -> None:
+def _write(run: Run, result: dict, out_dir: Path, stem: str, render=markdown) -> None:
     """Print the markdown report and write it and the JSON result to out_dir/stem.{json,md}."""
-    text = markdown(result)
+    text = render(result)
     print(text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"

@@ -148,3 +148,120 @@ def test_timed_selection_step_has_no_host_sync():
         selection_cost.selection_step(captured, config, torch.Generator().manual_seed(0), True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# -- --zoo: every pruning method at its papers' presets ----------------------------------------------------------
+
+import fastv_advanced.pruning as pruning_module  # noqa: E402
+import zoo  # noqa: E402
+import zoo_methods  # noqa: E402
+from fastv_advanced import apply_pruning  # noqa: E402
+from modes import Config  # noqa: E402
+
+
+def test_zoo_cli_smoke_reports_a_row_per_method_and_preset(tmp_path, capsys):
+    returned = bench_prefill.main(["--preset", "tiny", "--smoke", "--zoo", "--threads", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| method | preset | settings run |" in out and "parameter: paper → here" in out
+    [path] = tmp_path.glob("bench_prefill_zoo_tiny_smoke_cpu_*.json")
+    assert path.with_suffix(".md").exists()
+    result = json.loads(path.read_text())
+    assert result["rows"] == json.loads(json.dumps(returned["rows"]))
+    meta = result["meta"]
+    assert meta["zoo"] and meta["prefill_rounds"] == 1 and meta["stage_reps"] == 1 and meta["threads"] == 1
+
+    rows = {r["key"]: r for r in result["rows"]}
+    expected = {f"zoo/{m}/{p}" for m in ("fastv", "pdrop", "sparsevlm", "dart", "visionzip", "divprune")
+                for p in ("192", "128", "64")} | {f"zoo/{m}/{p}" for m in ("uniform", "pool") for p in ("144", "64")}
+    assert set(rows) == expected | {"baseline"}
+    assert rows["baseline"]["prefill_speedup"] == 1.0 and rows["baseline"]["flops_ratio"] == 1.0
+    for key in expected:
+        row = rows[key]
+        assert 0 < row["flops_ratio"] < 1 and row["theoretical_speedup"] == pytest.approx(1 / row["flops_ratio"])
+        for field in ("prefill_speedup", "prefill_speedup_over_theoretical", "decoder_speedup",
+                      "decoder_speedup_over_theoretical", "prefill_speedup_paired_over_theoretical"):
+            assert row[field] > 0, (key, field)
+        assert row["decoder_s"] < row["prefill_s"]
+        assert 0 < row["ceiling_over_theoretical"] < 1  # the vision tower and logits are not pruned
+        # shares only > 0: one instrumented run of a millisecond prefill on a shared machine can be preempted
+        assert 0 < row["selection_s"] <= row["stage_work_s"] and row["selection_share"] > 0
+        assert row["stage_work_share"] == pytest.approx(row["stage_work_s"] / row["instrumented_prefill_s"])
+        assert row["measured_kept_per_stage"] == row["planned_kept_per_stage"], key  # what ran is what was costed
+        assert row["logits_finite"]
+    # the mapping is reported: 4 layers, 64 image tokens
+    assert rows["zoo/pdrop/64"]["parameters"]["layers"] == [1, 2, 3]
+    assert rows["zoo/fastv/192"]["mapped"] == {"agg_layer": [2, 1], "attention_rank": [192, 21]}
+    # methods that prune before the language model run only the pruned count from layer 0
+    assert rows["zoo/uniform/64"]["image_tokens_per_layer"] == [9] * 4
+
+
+def test_zoo_methods_option_restricts_the_methods(tmp_path):
+    result = bench_prefill.main(["--preset", "tiny", "--smoke", "--methods", "uniform", "pool", "--threads", "1",
+                                 "--stage-reps", "2", "--out", str(tmp_path)])
+    assert [r["key"] for r in result["rows"]] == ["baseline", "zoo/uniform/144", "zoo/uniform/64", "zoo/pool/144",
+                                                  "zoo/pool/64"]
+    assert all(len(r["stage_seconds_samples"]["choose"]) == 2 for r in result["rows"][1:])
+
+
+def test_layer_mapping_rule_against_hand_computed_examples():
+    # 8 layers (the scaled preset): s -> max(1, round_half_up(s * 8 / 32))
+    assert zoo_methods.map_stage_layers((2, 8, 16), 8) == (1, 2, 4)  # 0.5 -> 1, 2, 4
+    assert zoo_methods.map_stage_layers((3, 7, 16), 8) == (1, 2, 4)  # 0.75 -> 1, 1.75 -> 2, 4
+    assert zoo_methods.map_stage_layers((2,), 8) == (1,)
+    assert zoo_methods.map_stage_layers((2, 8, 16), 32) == (2, 8, 16)  # 32 layers: unchanged
+    # 4 layers: 0.5 -> 1, 2 -> 2, 4 -> 3 capped at L - 1 = 3
+    assert zoo_methods.map_stage_layers((2, 8, 16), 4) == (1, 2, 3)
+    # 0.25 -> 1 and 1 -> 1 collide: the second moves up to 2
+    assert zoo_methods.map_stage_layers((1, 4, 9), 4) == (1, 2, 3)  # 9 -> round(2.25) = 2 -> after 2: 3
+    # 24, 28, 31 on 8 layers: 6, 7, 8 -> pulled down from the end to 5, 6, 7
+    assert zoo_methods.map_stage_layers((24, 28, 31), 8) == (5, 6, 7)
+    with pytest.raises(ValueError):
+        zoo_methods.map_stage_layers((1, 2, 3, 4), 4)  # four stages cannot fit layers 1..3
+
+    # each method's layer field, on the scaled preset (8 layers, 576 image tokens): counts unchanged
+    assert zoo_methods.zoo_params("fastv", "64", 8, 576) == {"agg_layer": 1, "attention_rank": 64}
+    assert zoo_methods.zoo_params("dart", "128", 8, 576) == {"max_num_truncation": 128, "layer": 1}
+    assert zoo_methods.zoo_params("pdrop", "128", 8, 576) == {"layers": (1, 2, 4), "ratio": 0.42}
+    # SparseVLM rates at l and prunes before l + 1: stages (3, 7, 16) -> (1, 2, 4), rating layers (0, 1, 3)
+    assert zoo_methods.zoo_params("sparsevlm", "192", 8, 576) == {"budget": 192, "layers": (0, 1, 3)}
+    assert zoo_methods.zoo_params("visionzip", "64", 8, 576) == {"dominant": 54, "contextual": 10}
+
+    # 64 image tokens: counts scaled by 64 / 576 and rounded half up
+    assert zoo_methods.zoo_params("fastv", "192", 4, 64)["attention_rank"] == 21  # 21.33
+    assert zoo_methods.zoo_params("visionzip", "64", 4, 64) == {"dominant": 6, "contextual": 1}  # 6, 1.11
+    assert zoo_methods.zoo_params("sparsevlm", "64", 4, 64)["keep"] == (7, 3, 2)  # 66, 30, 17 -> 7.33, 3.33, 1.89
+    assert zoo_methods.zoo_params("divprune", "64", 4, 64) == {"ratio": 64 / 576}
+    assert zoo_methods.changed_settings("pdrop", "64", 8, 576) == {"layers": ((2, 8, 16), (1, 2, 4))}
+    assert Config.from_key("zoo/pdrop/64") == Config("zoo", method="pdrop", preset="64")
+    assert Config.from_key(Config("drop", 2, 288).key) == Config("drop", 2, 288)
+
+
+@pytest.mark.parametrize("name,params", [("fastv", {"agg_layer": 2, "attention_rank": 20}),
+                                         ("pdrop", {"layers": (1, 3), "ratio": 0.5})])
+def test_stage_timer_counts_each_part_once_and_changes_nothing(tiny, name, params):
+    model, inputs = tiny
+    method = zoo_methods.build_method(name, params)
+    originals = {n: getattr(pruning_module, n) for n in zoo.CAPTURE_FUNCTIONS + zoo.SELECT_FUNCTIONS}
+    with apply_pruning(model, method), torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+    with apply_pruning(model, method) as pruner, torch.no_grad():
+        with zoo.StageTimer(pruner, torch.device("cpu")) as timer:
+            timed = model(**inputs).logits[:, -1]
+    assert torch.equal(timed, plain)
+    assert {n: getattr(pruning_module, n) for n in originals} == originals  # unwrapped again
+    assert "choose" not in method.__dict__ and "_run_stage" not in pruner.__dict__
+    t = timer.seconds
+    assert t["choose"] > 0 and t["select_drop"] > 0 and t["image_lookup"] > 0
+    assert t["inputs"] + t["choose"] + t["select_drop"] <= t["stage"]
+    if name == "fastv":  # the layer K-1 attention row is computed in that layer's hooks, before the stage
+        assert t["capture"] > 0
+    else:  # PyramidDrop computes each stage layer's own attention inside the stage: counted once, as inputs
+        assert t["capture"] == 0 and t["inputs"] > 0
+
+
+def test_profile_choose_profiles_each_stage_of_a_method():
+    import profile_choose
+
+    out = profile_choose.main(["--preset", "tiny", "--threads", "1", "--reps", "1", "zoo/pdrop/64", "zoo/pool/64"])
+    assert set(out) == {"zoo/pdrop/64#0", "zoo/pdrop/64#1", "zoo/pdrop/64#2", "zoo/pool/64#0"}
+    assert all(v["seconds"] > 0 and "Self CPU" in v["table"] for v in out.values())
