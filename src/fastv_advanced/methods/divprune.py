@@ -49,14 +49,13 @@ class DivPrune(PruningMethod):
         batch = torch.arange(hidden.shape[0], device=hidden.device)
         picks = []
         if count:
-            first = distance.sort(dim=1).values[:, 1 if n > 1 else 0].argmax(dim=-1)  # [batch]
+            first = distance.topk(min(2, n), dim=1, largest=False).values[:, -1].argmax(dim=-1)  # [batch]
             picks.append(first)
-            nearest = distance[batch, first]  # [batch, n]: min distance to the kept set
+            nearest = distance[batch, first].scatter(1, first[:, None], float("-inf"))  # [batch, n]
             for _ in range(count - 1):
-                nearest = nearest.scatter(1, torch.stack(picks, dim=1), float("-inf"))
-                pick = nearest.argmax(dim=-1)
+                pick = nearest.argmax(dim=-1)  # the farthest from everything kept
                 picks.append(pick)
-                nearest = torch.minimum(nearest, distance[batch, pick])
+                nearest = torch.minimum(nearest, distance[batch, pick]).scatter_(1, pick[:, None], float("-inf"))
         kept = torch.stack(picks, dim=1) if picks else torch.zeros(hidden.shape[0], 0, dtype=torch.long,
                                                                    device=hidden.device)
         return Choice(kept=kept)

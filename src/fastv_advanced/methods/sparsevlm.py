@@ -19,7 +19,7 @@ Keep tables (image tokens after layers 2 / 6 / 15) by budget: 192: 300/200/110; 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -47,6 +47,7 @@ class SparseVLM(PruningMethod):
     layers: tuple[int, ...] = (2, 6, 15)
     keep: tuple[int, ...] | None = None
     recycle: bool = True
+    _raters: tuple = field(default=(None, None), init=False, repr=False, compare=False)  # (embeddings, raters)
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -94,7 +95,10 @@ class SparseVLM(PruningMethod):
         return self._recycled(scores, num_kept, inputs)
 
     def raters(self, inputs: StageInputs) -> torch.Tensor:
-        """BoolTensor[batch, Q]: the rating text tokens among the last Q positions of the prompt."""
+        """BoolTensor[batch, Q]: the rating text tokens among the last Q positions of the prompt (computed once per
+        prompt: later stages see the same input embeddings)."""
+        if self._raters[0] is inputs.embeddings:
+            return self._raters[1]
         embeddings = inputs.embeddings.float()
         rows = inputs.query_is_text.shape[1]
         image = embeddings.gather(1, inputs.original_image_positions[..., None].expand(-1, -1, embeddings.shape[-1]))
@@ -103,7 +107,8 @@ class SparseVLM(PruningMethod):
         logits = (image @ text.transpose(1, 2)).masked_fill(~is_text[:, None, :], float("-inf"))  # [batch, N, Q]
         relevance = logits.softmax(dim=-1).mean(dim=1)  # [batch, Q]
         mean = (relevance * is_text).sum(dim=1, keepdim=True) / is_text.sum(dim=1, keepdim=True).clamp(min=1)
-        return relevance > mean
+        self._raters = (inputs.embeddings, relevance > mean)
+        return self._raters[1]
 
     def _recycled(self, scores: torch.Tensor, num_kept: int, inputs: StageInputs) -> Choice:
         """Keep the best `num_kept`, then the cluster means of the best deleted ones, in the first image slots."""
