@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from fastv_advanced import FastVConfig, StageInputs
-from fastv_advanced.pruning import drop_tokens, kept_image_tokens
+from fastv_advanced.selection import drop_tokens, kept_image_tokens
 from fastv_advanced.selection import image_attention, kept_sequence, last_query_attention, ordered_positions
 from measure import MemoryProbe, Stopwatch
 from modes import Config, mode_context

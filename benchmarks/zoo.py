@@ -213,8 +213,16 @@ def zoo_checks(rows: list[dict]) -> list[str]:
 
 
 def zoo_markdown(result: dict) -> str:
-    meta, rows = result["meta"], result["rows"]
-    lines = [
+    """The zoo report: conditions, the speed-up table, the stage work by part, the mapped presets, notes."""
+    lines = _zoo_conditions(result["meta"]) + _zoo_speed_table(result["rows"]) + _zoo_stage_table(result["rows"])
+    lines += _zoo_mapping(result["meta"], result["rows"])
+    if result.get("notes"):
+        lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines)
+
+
+def _zoo_conditions(meta: dict) -> list[str]:
+    return [
         f"## Pruning-method zoo, prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
         "",
         f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
@@ -234,6 +242,11 @@ def zoo_markdown(result: dict) -> str:
         f"those prefills",
         f"- layer mapping: {meta['layer_rule']}",
         "",
+    ]
+
+
+def _zoo_speed_table(rows: list[dict]) -> list[str]:
+    lines = [
         "### Prefill speed-up against theoretical, and the share of the prefill the method's own work takes",
         "",
         "| method | preset | settings run | image tokens / layer (mean) | FLOPs ratio | theor. × | prefill ms | × "
@@ -252,7 +265,11 @@ def zoo_markdown(result: dict) -> str:
             f"{fmt(r['ceiling_over_theoretical'])} | {fmt(r.get('selection_s'), '.2f', 1e3)} | {fmt(r.get('selection_share'), '.2%')} | "
             f"{fmt(r.get('stage_work_s'), '.2f', 1e3)} | {fmt(r.get('stage_work_share'), '.2%')} |"
         )
-    lines += [
+    return lines
+
+
+def _zoo_stage_table(rows: list[dict]) -> list[str]:
+    lines = [
         "",
         "### Stage work, by part (ms, medians of the instrumented prefills)",
         "",
@@ -276,17 +293,19 @@ def zoo_markdown(result: dict) -> str:
             f"{r['stage_work_s'] * 1e3:.2f} | {t['image_lookup'] * 1e3:.2f} | "
             f"{fmt(r['instrumented_prefill_s'], '.1f', 1e3)} |"
         )
+    return lines
+
+
+def _zoo_mapping(meta: dict, rows: list[dict]) -> list[str]:
     mapped = [r for r in rows if r.get("mapped")]
     if mapped:
-        lines += ["", f"### Presets mapped to this model ({meta['decoder_shape']['num_layers']} layers, "
+        return ["", f"### Presets mapped to this model ({meta['decoder_shape']['num_layers']} layers, "
                       f"{meta['n_image']} image tokens; paper: 32 layers, 576)", "",
-                  "| method | preset | parameter: paper → here |", "|---|---|---|"]
-        for r in mapped:
-            lines.append(f"| {r['method']} | {r['preset']} | "
-                         + "; ".join(f"{k}: {_short(a)} → {_short(b)}" for k, (a, b) in r["mapped"].items()) + " |")
-    if result.get("notes"):
-        lines += ["", "Notes:"] + [f"- {n}" for n in result["notes"]]
-    return "\n".join(lines)
+                  "| method | preset | parameter: paper → here |", "|---|---|---|"] + [
+            f"| {r['method']} | {r['preset']} | "
+            + "; ".join(f"{k}: {_short(a)} → {_short(b)}" for k, (a, b) in r["mapped"].items()) + " |"
+            for r in mapped]
+    return []
 
 
 def _short(value) -> str:

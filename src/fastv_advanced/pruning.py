@@ -28,10 +28,10 @@ import transformers
 from packaging.version import Version
 
 from .adapters import adapter_for
-from .methods import Choice, PruningMethod, Stage, StageInputs
+from .methods import PruningMethod, Stage, StageInputs
 from .methods.base import VisionFeatures
-from .selection import gather_mask, gather_rows, image_attention, kept_sequence, last_query_attention
-from .selection import ordered_positions, query_rows_attention, rotated_keys, top_scores
+from .selection import drop_tokens, gather_mask, image_attention, kept_image_tokens, last_query_attention
+from .selection import ordered_positions, query_rows_attention, rotated_keys, vision_features
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -496,65 +496,6 @@ class Pruner:
         if notice:
             self._warned_span = True
             warnings.warn(notice, stacklevel=3)
-
-
-def kept_image_tokens(method: PruningMethod, choice: Choice, batch: int, num_image: int) -> torch.Tensor:
-    """The kept image tokens of a `Choice`, ascending: LongTensor[batch, R]; ValueError on a malformed one."""
-    name = method.name
-    if choice.kept is not None:
-        if choice.kept.dim() != 2 or choice.kept.shape[0] != batch or choice.kept.shape[1] > num_image:
-            raise ValueError(f"{name} kept indices of shape {tuple(choice.kept.shape)}; expected [batch, R] = "
-                             f"[{batch}, R <= {num_image}]")
-        top = choice.kept.sort(dim=-1).values
-    else:
-        if choice.scores is None or tuple(choice.scores.shape) != (batch, num_image) or choice.num_kept is None \
-                or not 0 <= choice.num_kept <= num_image:
-            shape = None if choice.scores is None else tuple(choice.scores.shape)
-            raise ValueError(f"{name} returned scores of shape {shape} and num_kept {choice.num_kept}; expected "
-                             f"[batch, n] = {[batch, num_image]} and 0 <= num_kept <= {num_image}")
-        top = top_scores(choice.scores, choice.num_kept)
-    if choice.replacement is not None and tuple(choice.replacement.shape[:2]) != tuple(top.shape):
-        raise ValueError(f"{name} replacement of shape {tuple(choice.replacement.shape)}; expected "
-                         f"[batch, R, hidden] with [batch, R] = {list(top.shape)}")
-    return top
-
-
-def drop_tokens(hidden: torch.Tensor, layer_inputs: dict, image_positions: torch.Tensor, top: torch.Tensor,
-                compact: bool, adapter) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
-    """The physical drop before a layer: keep every non-image token and the image tokens `top` [batch, R] (indices
-    into `image_positions` [batch, n]). `hidden` [batch, S, hidden] and the layer's inputs (`attention_mask`,
-    `position_ids`, `position_embeddings`) are gathered per row; with `compact`, positions close the gaps and
-    cos/sin are recomputed by the adapter. Returns (hidden [batch, S', hidden], the gathered layer inputs,
-    kept_positions [batch, S'], keep BoolTensor[batch, S])."""
-    kept, keep = kept_sequence(image_positions, top, hidden.shape[1])
-    hidden = gather_rows(hidden, kept, 1)
-    gathered = {"attention_mask": gather_mask(layer_inputs.get("attention_mask"), kept, kept)}
-    position_ids = layer_inputs.get("position_ids")
-    if position_ids is not None:
-        position_ids = gather_rows(position_ids, kept, 1)
-        if compact:
-            position_ids = position_ids - gather_rows((~keep).long().cumsum(dim=1), kept, 1)
-        gathered["position_ids"] = position_ids
-    if layer_inputs.get("position_embeddings") is not None:
-        if compact:
-            gathered["position_embeddings"] = adapter.position_embeddings(hidden, position_ids)
-        else:
-            cos, sin = layer_inputs["position_embeddings"]
-            gathered["position_embeddings"] = (gather_rows(cos, kept, 1), gather_rows(sin, kept, 1))
-    return hidden, gathered, kept, keep
-
-
-def vision_features(layer: torch.nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
-    """The [CLS] attention row and head-mean keys of a CLIP-style encoder layer from its input [batch, T, width],
-    with its output [batch, T, width]."""
-    attention = layer.self_attn
-    batch, tokens, width = inputs.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    normed = layer.layer_norm1(inputs)
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [batch, heads, 1, d]
-    keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # [batch, heads, T, d]
-    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scale  # [batch, heads, T]
-    return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=outputs)
 
 
 FastVPruner = Pruner
