@@ -86,6 +86,22 @@ def test_outside_method_runs_from_eval_sweep_compare_and_plot(tiny_model_dir, qu
     assert plot.stat().st_size > 10_000
     assert "keep_every" not in methods.available_methods()  # nothing registered, nothing edited
 
+    fastv = ["--use-fast-v", "--fast-v-agg-layer", "1", "--fast-v-attention-rank", "16"]
+    assert eval_scivqa.main(args + fastv) == 0
+    rows = build_comparison(load_results(out)[0]).rows
+    keep3 = next(r for r in rows if r.strategy == "Keep every (x=3)")
+    assert keep3.reference == "FastV - avg_all_heads (R=16, K=1)"  # the only FastV row: the nearest in FLOPs
+
+    def correct(name):
+        records = [json.loads(line) for line in (out / name).open()]
+        return {r["id"]: r["correct"] for r in records if r["type"] == "sample"}
+
+    ours, theirs = correct("scienceqa_results_keep_every_x3.jsonl"), correct(
+        "scienceqa_results_fastv_avg_all_heads_rank16_k1.jsonl")
+    assert keep3.reference_delta == pytest.approx((sum(ours.values()) - sum(theirs.values())) / len(ours))
+    assert 0.0 <= keep3.reference_p_value <= 1.0
+    assert next(r for r in rows if r.method == "fastv").reference is None
+
 
 def test_pruning_flags_are_checked_before_the_model_loads(tiny_model_dir, question_set, tmp_path, capsys,
                                                           outside_method):

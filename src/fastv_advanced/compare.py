@@ -318,6 +318,7 @@ def build_comparison(runs: list[Run], *, allow_mixed: bool = False, results_dir:
                      "significance need one (fastv-sweep evaluates it unless --no-baseline)")
 
     rows = [_row(run, baseline, notes) for run in runs]
+    _against_reference(runs, rows)
     sample_counts = sorted({r.samples for r in rows})
     if len(sample_counts) > 1:
         warnings.append(f"the runs have different sample counts ({', '.join(map(str, sample_counts))}): accuracies "
@@ -444,6 +445,30 @@ def _row(run: Run, baseline: Run | None, notes: list[str]) -> Row:
     return row
 
 
+def _is_reference(run: Run) -> bool:
+    return run.pruning is not None and type(run.pruning).comparison_reference
+
+
+def _against_reference(runs: list[Run], rows: list[Row]) -> None:
+    """Test every pruned row of a method that is not a reference (FastV) against the reference row nearest to it in
+    FLOPs ratio on the same questions: Δ accuracy and the exact McNemar p on the questions both answered."""
+    references = [(run, row) for run, row in zip(runs, rows) if _is_reference(run) and row.flops_ratio is not None]
+    for run, row in zip(runs, rows):
+        if row.baseline or _is_reference(run) or row.flops_ratio is None or run.correct is None:
+            continue
+        candidates = [(abs(ref_row.flops_ratio - row.flops_ratio), i) for i, (ref, ref_row) in enumerate(references)
+                      if ref.question_sha == run.question_sha and ref.correct is not None]
+        if not candidates:
+            continue
+        reference, reference_row = references[min(candidates)[1]]
+        common = [qid for qid in reference.correct if qid in run.correct]
+        if not common:
+            continue
+        test = mcnemar_exact([reference.correct[q] for q in common], [run.correct[q] for q in common])
+        row.reference, row.reference_p_value = reference_row.strategy, test["p_value"]
+        row.reference_delta = (sum(run.correct[q] for q in common) - sum(reference.correct[q] for q in common)) / len(common)
+
+
 # -- formatting -----------------------------------------------------------------------------------------------------
 
 NA = "n/a"
@@ -491,6 +516,8 @@ def _cells(row: Row, has_baseline: bool) -> dict[str, str]:
         "samples": str(row.samples),
         "p": dash if row.baseline else _fmt_p(row.p_value),
         "ci": dash if row.baseline else (NA if row.ci_low is None else f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}]"),
+        "reference": dash if row.reference is None else
+        f"{_fmt(row.reference_delta, '+.4f')} p={_fmt_p(row.reference_p_value)} ({row.reference})",
     }
 
 
@@ -507,6 +534,14 @@ COLUMNS = (
     ("p", "McNemar p", "McNemar p"),
     ("ci", "Δ 95% CI", "Δ 95% CI"),
 )
+REFERENCE_COLUMN = ("reference", "对FastV (Δ, p)", "vs FastV (Δ, p)")
+
+
+def columns(comparison: Comparison) -> tuple:
+    """The table's columns: the guide's, plus the comparison with FastV when some row has one."""
+    if any(row.reference is not None for row in comparison.rows):
+        return COLUMNS + (REFERENCE_COLUMN,)
+    return COLUMNS
 
 
 def display_width(text: str) -> int:
@@ -522,7 +557,7 @@ def column_names(english: bool) -> dict[str, str]:
     """Column key -> the name the notes use for it: the header of the chosen format (English for markdown; the
     guide's Chinese header with its English name in brackets for the table)."""
     return {key: english_name if english or chinese == english_name else f"{chinese} ({english_name})"
-            for key, chinese, english_name in COLUMNS}
+            for key, chinese, english_name in COLUMNS + (REFERENCE_COLUMN,)}
 
 
 def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
@@ -543,7 +578,9 @@ def explanation(comparison: Comparison, names: dict[str, str]) -> list[str]:
         f"{names['flops']}: theoretical decoder prefill FLOPs relative to the unpruned model. "
         f"{names['tokens']}: image tokens kept / seen per image.",
         "McNemar p: exact two-sided McNemar test on per-question correctness, paired with the Baseline by question "
-        f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}.",
+        f"id; Δ 95% CI: paired bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples). * = p < {SIGNIFICANCE_LEVEL}."
+        + (f" {names['reference']}: accuracy minus, and the same test against, the FastV row nearest in FLOPs ratio "
+           "(named in brackets)." if any(r.reference is not None for r in comparison.rows) else ""),
         f"{noise} (about ±1 point on all 2017 ScienceQA-IMG test questions): a difference with p >= "
         f"{SIGNIFICANCE_LEVEL} cannot be told apart from noise (with few questions the bootstrap CI is too narrow: "
         "go by p).",
@@ -584,19 +621,20 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [current] if current else lines
 
 
-def _column_widths(cells: list[dict[str, str]]) -> dict[str, int]:
-    """Column key -> terminal columns it takes (its widest cell or header, plus two spaces)."""
+def _column_widths(cells: list[dict[str, str]], shown: tuple) -> dict[str, int]:
+    """Column key -> terminal columns it takes (its widest cell or header, plus two spaces), for the `shown`
+    columns in order."""
     return {key: max([display_width(header)] + [display_width(c[key]) for c in cells]) + 2
-            for key, header, _ in COLUMNS}
+            for key, header, _ in shown}
 
 
 def _column_blocks(widths: dict[str, int], width: int | None) -> list[list[str]]:
     """The column keys in blocks that each fit `width` (None: one block), each block led by the strategy column;
     the other columns keep their order and are never split. A line ends without its last column's two spaces."""
     if width is None:
-        return [[key for key, _, _ in COLUMNS]]
+        return [list(widths)]
     blocks: list[list[str]] = []
-    for key, _, _ in COLUMNS[1:]:
+    for key in list(widths)[1:]:
         if not blocks or sum(widths[k] for k in blocks[-1]) + widths[key] - 2 > width:
             blocks.append(["strategy"])
         blocks[-1].append(key)
@@ -611,15 +649,15 @@ def format_table(comparison: Comparison, width: int | None = None) -> str:
     out."""
     has_baseline = comparison.baseline is not None
     cells = [_cells(row, has_baseline) for row in comparison.rows]
-    widths = _column_widths(cells)
+    widths = _column_widths(cells, columns(comparison))
     if width is not None and sum(widths.values()) - 2 <= width:
         width = None
     if width is not None:
         for c, row in zip(cells, comparison.rows):
             c["strategy"] = row.short_label
-        widths = _column_widths(cells)
+        widths = _column_widths(cells, columns(comparison))
     rule = max(sum(widths.values()), 100) if width is None else width
-    headers = {key: header for key, header, _ in COLUMNS}
+    headers = {key: header for key, header, _ in columns(comparison)}
     lines = ["=" * rule, " " * max(0, (rule - display_width(TITLE)) // 2) + TITLE, "=" * rule]
     for block in _column_blocks(widths, width):
         lines += ["", "".join(_pad(headers[key], widths[key]) for key in block).rstrip(), "-" * rule]
@@ -632,9 +670,10 @@ def format_table(comparison: Comparison, width: int | None = None) -> str:
 
 def format_markdown(comparison: Comparison) -> str:
     has_baseline = comparison.baseline is not None
-    keys = [key for key, _, _ in COLUMNS]
-    lines = ["| " + " | ".join(english for _, _, english in COLUMNS) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    shown = columns(comparison)
+    keys = [key for key, _, _ in shown]
+    lines = ["| " + " | ".join(english for _, _, english in shown) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(shown) - 1)) + "|"]
     for row in comparison.rows:
         cells = _cells(row, has_baseline)
         lines.append("| " + " | ".join(cells[k].replace("|", "\\|") for k in keys) + " |")
@@ -648,7 +687,7 @@ CSV_FIELDS = ("file", "strategy", "method", "parameters", "accuracy", "correct",
               "samples", "errors", "delta", "avg_latency_s", "prefill_mean_s", "prefill_median_s", "prefill_spread",
               "prefill_speedup", "prefill_speedup_mean", "generate_speedup", "flops_ratio", "image_tokens",
               "kept_image_tokens", "image_tokens_per_layer", "busy_cores", "paired_samples", "mcnemar_b", "mcnemar_c",
-              "p_value", "ci_low", "ci_high", "baseline")
+              "p_value", "ci_low", "ci_high", "reference", "reference_delta", "reference_p_value", "baseline")
 
 
 def format_csv(comparison: Comparison) -> str:

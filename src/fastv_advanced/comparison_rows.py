@@ -47,6 +47,9 @@ class Row:
     ci_low: float | None = None
     ci_high: float | None = None
     short_label: str = ""
+    reference: str | None = None  # the reference method's row (FastV) nearest in FLOPs, compared with paired tests
+    reference_delta: float | None = None
+    reference_p_value: float | None = None
 
     @property
     def significant(self) -> bool:

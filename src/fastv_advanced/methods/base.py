@@ -156,6 +156,7 @@ class PruningMethod:
     presets: named settings, e.g. the paper's "192", "128" and "64" token budgets for LLaVA-1.5 (576 image tokens).
     budget_choices: the values the budget parameter can take, when it is not a number on a scale.
     table_order: where the method's rows go in comparisons (lower first; then by name).
+    comparison_reference: other methods' rows are also tested against this method's row nearest in FLOPs.
     layer_parameters: fields that are decoder-layer indices (an int or a tuple), with their allowed range as
         (lowest, distance of the highest from the layer count): `scaled_to` maps them to another depth.
     reference_layers: the depth the presets were written for (LLaVA-1.5's 32 layers).
@@ -167,6 +168,7 @@ class PruningMethod:
     not_in_results: ClassVar[tuple[str, ...]] = ()
     presets: ClassVar[dict[str, dict]] = {}
     table_order: ClassVar[int] = 100
+    comparison_reference: ClassVar[bool] = False
     layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {}
     reference_layers: ClassVar[int] = 32
     budget_choices: ClassVar[tuple | None] = None
