@@ -48,11 +48,11 @@ try:
 except ImportError:  # a checkout without `pip install -e .`: use its src/ directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from fastv_advanced.flops import DecoderShape  # noqa: E402
-from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
+from fastv_advanced.run_files import busy_cores, cpu_name, git_commit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    busy_cores, busy_machine_note, cpu_peak_supported, fix_mmap_threshold, load_average,
+    busy_machine_note, cpu_peak_supported, fix_mmap_threshold, load_average,
 )
 from modes import ALL_MODES, PRUNED_MODES, Config  # noqa: E402
 from presets import (  # noqa: E402

@@ -117,25 +117,6 @@ class MemoryProbe:
         self.peak_extra = max(0, peak - self._before)
 
 
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """How many cores other processes kept busy over `seconds` (sampled from /proc/stat while this one sleeps)."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(x) for x in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values[:8]), idle
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 == total0:
-        return 0.0
-    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

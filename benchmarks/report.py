@@ -200,9 +200,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _header(meta: dict) -> list[str]:
+def run_conditions(meta: dict, title: str) -> list[str]:
+    """The report's title and the run's conditions: device and versions, command, machine load, prompt."""
     return [
-        f"## FastV prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
+        f"## {title} — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
         "",
         f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
         f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}; commit {meta['git_commit']}",
@@ -211,6 +212,11 @@ def _header(meta: dict) -> list[str]:
         f"processes just before the run: {fmt(meta['busy_cores_before'], '.1f')}; elapsed {meta['elapsed_s']:.0f} s",
         f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
         f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
+    ]
+
+
+def _header(meta: dict) -> list[str]:
+    return run_conditions(meta, "FastV prefill benchmark") + [
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up "
         f"round(s), baseline re-run after every {meta['anchor_every']} configurations; end-to-end: "
         f"{meta['e2e_rounds']} rounds; speed-ups against `baseline` (unpruned, SDPA). × = ratio of medians; "

@@ -36,7 +36,7 @@ import fastv_advanced.pruning as pruning
 from fastv_advanced.budget import planned_flops
 from measure import Stopwatch, synchronize
 from modes import Config, mode_context
-from report import _sample_columns, _speedup_columns, fmt, median
+from report import _sample_columns, _speedup_columns, fmt, median, run_conditions
 from timing import Bench, paired_speedups
 from zoo_methods import changed_settings, zoo_grid, zoo_method, zoo_params
 
@@ -222,16 +222,7 @@ def zoo_markdown(result: dict) -> str:
 
 
 def _zoo_conditions(meta: dict) -> list[str]:
-    return [
-        f"## Pruning-method zoo, prefill benchmark — preset `{meta['preset']}`{' (smoke)' if meta['smoke'] else ''}",
-        "",
-        f"- device: {meta['device_name']} ({meta['device']}, {meta['dtype']}); torch {meta['torch']}, "
-        f"transformers {meta['transformers']}; threads {meta['threads']}; {meta['date']}; commit {meta['git_commit']}",
-        f"- command: `{meta['command']}`",
-        f"- load average before/after: {meta['load_before']} / {meta['load_after']}; cores kept busy by other "
-        f"processes just before the run: {fmt(meta['busy_cores_before'], '.1f')}; elapsed {meta['elapsed_s']:.0f} s",
-        f"- prompt: {meta['n_tokens']} tokens ({meta['n_image']} image tokens at position {meta['image_start']}), "
-        f"batch {meta['batch']}; decoder {meta['decoder_shape']}; vision: {meta['vision_note']}",
+    return run_conditions(meta, "Pruning-method zoo, prefill benchmark") + [
         f"- prefill: median of {meta['prefill_rounds']} interleaved rounds after {meta['warmup']} warm-up round(s), "
         f"baseline re-run after every {meta['anchor_every']} configurations; × = ratio of medians against the "
         f"unpruned baseline; paired = median over runs of (neighbouring baseline runs) / (run), robust to load that "

@@ -47,17 +47,23 @@ def last_query_attention(
     logits = torch.einsum("bkgd,bksd->bkgs", q.view(batch, num_kv_heads, group, head_dim).float(), k.float())
     logits = logits.reshape(batch, num_heads, seq_len) * scaling
     if attention_mask is not None:
-        if attention_mask.dim() == 4:
-            row = attention_mask[:, :, -1, -seq_len:]
-        elif attention_mask.dim() == 2:
-            row = attention_mask[:, None, -seq_len:].bool()
-        else:
-            raise TypeError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
-        if row.dtype == torch.bool:
-            logits = logits.masked_fill(~row, float("-inf"))
-        else:
-            logits = logits + row.float()
+        logits = _apply_mask(logits, _mask_rows(attention_mask, 1, seq_len)[:, :, 0])
     return logits.softmax(dim=-1)
+
+
+def _mask_rows(attention_mask: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
+    """The last `rows` query rows of a 4D mask [batch or 1, 1 or heads, S, S] or a 2D padding mask [batch, S]
+    (1 = token), as [batch or 1, 1 or heads, rows or 1, S]."""
+    if attention_mask.dim() == 4:
+        return attention_mask[:, :, -rows:, -seq_len:]
+    if attention_mask.dim() == 2:
+        return attention_mask[:, None, None, -seq_len:].bool()
+    raise TypeError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
+
+
+def _apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = attend) fills -inf, a float mask is added."""
+    return logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
 
 
 def query_rows_attention(
@@ -86,13 +92,7 @@ def query_rows_attention(
     causal = torch.arange(seq_len, device=keys.device)[None] <= query_position[:, None]  # [Q, S]
     logits = logits.masked_fill(~causal, float("-inf"))
     if attention_mask is not None:
-        if attention_mask.dim() == 4:
-            block = attention_mask[:, :, -rows:, -seq_len:]
-        elif attention_mask.dim() == 2:
-            block = attention_mask[:, None, None, -seq_len:].bool()
-        else:
-            raise TypeError(f"unsupported attention mask of shape {tuple(attention_mask.shape)}")
-        logits = logits.masked_fill(~block, float("-inf")) if block.dtype == torch.bool else logits + block.float()
+        logits = _apply_mask(logits, _mask_rows(attention_mask, rows, seq_len))
     return logits.softmax(dim=-1)
 
 

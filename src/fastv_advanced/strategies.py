@@ -11,11 +11,12 @@ A strategy that needs randomness accepts a `generator` keyword argument (a seede
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Callable
 
 import torch
+
+from .references import import_reference
 
 StrategyFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -42,15 +43,7 @@ def get_strategy(name: str) -> StrategyFn:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"token_selection_method {name!r}: cannot import module {module_name!r} ({exc})") from exc
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise ValueError(f"token_selection_method {name!r}: module {module_name!r} has no function {attr!r}")
-        return fn
+        return import_reference(name, f"token_selection_method {name!r}", callable, "function")
     raise ValueError(
         f"token_selection_method {name!r} is not a registered strategy; registered: "
         f"{', '.join(available_strategies())} (or give 'package.module:function')"

@@ -7,9 +7,9 @@ one; `build_method(name, {"param": "value"})` builds it, converting strings to e
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 
+from ..references import import_reference
 from .base import Choice, PruningMethod, Stage, StageInputs, jsonable
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
@@ -33,15 +33,9 @@ def get_method_class(name: str) -> type[PruningMethod]:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"pruning method {name!r}: cannot import module {module_name!r} ({exc})") from exc
-        cls = getattr(module, attr, None)
-        if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
-            raise ValueError(f"pruning method {name!r}: module {module_name!r} has no PruningMethod class {attr!r}")
-        return cls
+        return import_reference(name, f"pruning method {name!r}",
+                                lambda found: isinstance(found, type) and issubclass(found, PruningMethod),
+                                "PruningMethod class")
     raise ValueError(
         f"pruning method {name!r} is not registered; registered: {', '.join(available_methods())} "
         "(or give 'package.module:Class')"
