@@ -75,7 +75,7 @@ def test_keep_counts_match_an_independent_count(results):
     assert warnings == [] and [c.label for c in configurations] == ["Baseline", "max_head R=4 K=2", "random R=4 K=2"]
     for configuration in configurations[1:]:
         expected = np.zeros((SIDE, SIDE), dtype=int)
-        for kept in KEPT[configuration.run.method].values():
+        for kept in KEPT[configuration.run.group].values():
             for index in kept:
                 expected[index // SIDE, index % SIDE] += 1
         counts = visualize.keep_counts(list(configuration.records.values()), N)
