@@ -342,9 +342,9 @@ def test_eval_from_parquet_equals_eval_from_the_official_release(data, tiny_mode
     assert questions["format"] == "hf" and questions["path"] == str(parquet.resolve()) and questions["split"] == "test"
     assert questions["sha256"] == load(data, parquet).questions.sha256 and questions["num_questions_in_file"] == 7
     assert header["image_folder"] == str((tmp_path / "img").resolve())
-    # A re-run resumes (same identity): nothing is recomputed.
-    assert cli(*common, "--hf-dataset", parquet, "--hf-image-dir", tmp_path / "img", "--output-dir",
-               tmp_path / "hf") == 0
+    # A re-run from the dataset's folder instead of the file resumes (the same identity): nothing is recomputed.
+    assert cli(*common, "--hf-dataset", data["derek"], "--split", "test", "--hf-image-dir", tmp_path / "img",
+               "--output-dir", tmp_path / "hf") == 0
     assert read_jsonl(next((tmp_path / "hf").glob("*.jsonl")))[1] == samples
 
 
