@@ -310,6 +310,11 @@ def test_flag_conflicts_and_dry_run(data, tiny_model_dir, tmp_path, capsys, monk
     base = ["--model-path", tiny_model_dir, "--output-dir", tmp_path / "out", "--no-progress"]
     assert cli(*base, "--hf-dataset", parquet, "--question-file", data["release"]) == 2
     assert "--hf-dataset replaces --question-file" in capsys.readouterr().err
+    monkeypatch.setenv("FASTV_EMBEDDED", "1")  # it sets --question-file and --image-folder
+    assert cli(*base, "--hf-dataset", parquet) == 2
+    assert "FASTV_EMBEDDED=1 sets --question-file and --image-folder to the embedded data: unset it" in \
+        capsys.readouterr().err
+    monkeypatch.delenv("FASTV_EMBEDDED")
     assert cli(*base, "--hf-config", "ScienceQA-IMG", "--question-file", data["release"]) == 2
     assert "--hf-config apply only to --hf-dataset" in capsys.readouterr().err
     images = tmp_path / "images"
