@@ -30,8 +30,10 @@ setup(
         ]
     },
     extras_require={
-        "test": ["pytest>=8", "accelerate>=1.0"],
+        # datasets (with pyarrow) installs in seconds: the HF-datasets tests run in CI.
+        "test": ["pytest>=8", "accelerate>=1.0", "datasets>=2.18"],
         "plot": ["matplotlib>=3.7"],
         "accelerate": ["accelerate>=1.0"],
+        "hf": ["datasets>=2.18"],  # --hf-dataset: ScienceQA from HF datasets (lmms-lab/ScienceQA, derek-thomas/...)
     },
 )

@@ -11,6 +11,10 @@ Two formats are read into the same `Question` records:
   options as `A. ...` lines; the label is the letter of `answer`, the image `<pid>/image.png` (the release keeps
   them under `images/<split>/<pid>/image.png`).
 
+A third source, ScienceQA from HF datasets (`lmms-lab/ScienceQA`, `derek-thomas/ScienceQA`), is read by
+`fastv_advanced.hf_datasets` into the same records, each row through `parse_official_problem`, so that its prompts
+are the official release's.
+
 Errors name the file, the entry id and the field. File-level problems (missing file, not JSON, wrong top-level
 type, duplicate ids, unknown split) raise `DataError`; a malformed entry does not stop the load: the `Question`
 carries an `error` message and the evaluation records it as a failed sample (or stops, with `--on-error fail`).
@@ -68,11 +72,12 @@ class QuestionSet:
     """The questions of one file, in file order, and the file's identity (for result files and resume)."""
 
     path: str
-    format: str  # "llava" or "official"
+    format: str  # "llava", "official" or "hf"
     sha256: str
     split: str | None
     questions: list[Question] = field(default_factory=list)
     num_in_file: int = 0
+    config: str | None = None  # the HF dataset's configuration (format "hf" only)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -92,14 +97,18 @@ class QuestionSet:
         return [q for q in self.questions if q.error is not None]
 
     def identity(self) -> dict:
-        """What identifies the question set in result files: path, format, split, content hash, size."""
-        return {
+        """What identifies the question set in result files: path, format, split, content hash, size (and, for an
+        HF dataset, its configuration)."""
+        identity = {
             "path": self.path,
             "format": self.format,
             "split": self.split,
             "sha256": self.sha256,
             "num_questions_in_file": self.num_in_file,
         }
+        if self.format == "hf":
+            identity["config"] = self.config
+        return identity
 
 
 def split_chunks(items: list, num_chunks: int) -> list[list]:
@@ -212,9 +221,10 @@ def official_question_text(problem: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_official_problem(pid: str, problem, index: int, source: str) -> Question:
-    """One official problem as a `Question` (with `error` set when a field is malformed)."""
-    where = f"{source}: problem {pid!r}"
+def parse_official_problem(pid: str, problem, index: int, source: str, where: str | None = None) -> Question:
+    """One official problem as a `Question` (with `error` set when a field is malformed); `where` replaces the
+    `<source>: problem <pid>` that starts the error messages."""
+    where = where or f"{source}: problem {pid!r}"
 
     def bad(message: str) -> Question:
         return Question(id=pid, text="", label=None, image=None, index=index, error=f"{where}: {message}")

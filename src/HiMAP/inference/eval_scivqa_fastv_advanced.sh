@@ -7,12 +7,16 @@
 #   bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh --model-path ./models/llava-1.5-7b-hf --gpu 0 \
 #       -- --dtype bfloat16                                                # after "--": passed to fastv-sweep
 #   FASTV_EMBEDDED=1 bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh    # embedded tiny model and data
+#   bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh --hf-dataset lmms-lab/ScienceQA \
+#       -- --hf-config ScienceQA-IMG --split test                          # ScienceQA from HF datasets
 #   ZOO=1 FASTV_EMBEDDED=1 bash ./src/HiMAP/inference/eval_scivqa_fastv_advanced.sh  # every method, 3 budgets
 #
 # Settings (environment variable / option, default = the guide's value):
 #   MODEL_PATH     --model-path     liuhaotian/llava-v1.5-7b (a local folder; hub ids must be in the local cache)
 #   QUESTION_FILE  --question-file  /root/nfs/code/HiMAP/data/scienceqa/himap-inference-MCQ.json
 #   IMAGE_FOLDER   --image-folder   ./data/scienceqa/images/test
+#   HF_DATASET     --hf-dataset     (unset) ScienceQA from HF datasets instead of the two above: a hub id in the
+#                                   local cache, a local folder or a parquet file (also accepted after "--")
 #   NUM_SAMPLES    --num-samples    100 ("all" = every question)
 #   GPU            --gpu            2 -> CUDA_VISIBLE_DEVICES. The default applies only where GPU 2 exists and
 #                                   CUDA_VISIBLE_DEVICES is not already set; an explicit value is always used
@@ -33,7 +37,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/../../.." && pwd)"
 
 usage() {
-    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 GPU_GIVEN=${GPU+yes}
@@ -43,6 +47,7 @@ while (($#)); do
         --model-path) MODEL_PATH="$2"; shift 2 ;;
         --question-file) QUESTION_FILE="$2"; shift 2 ;;
         --image-folder) IMAGE_FOLDER="$2"; shift 2 ;;
+        --hf-dataset) HF_DATASET="$2"; shift 2 ;;
         --num-samples) NUM_SAMPLES="$2"; shift 2 ;;
         --output-dir) OUTPUT_DIR="$2"; shift 2 ;;
         --gpu) GPU="$2"; GPU_GIVEN=yes; shift 2 ;;
@@ -51,6 +56,14 @@ while (($#)); do
         -h|--help) usage; exit 0 ;;
         --) shift; EXTRA_ARGS+=("$@"); break ;;
         *) EXTRA_ARGS+=("$1"); shift ;;
+    esac
+done
+
+# --hf-dataset after "--" counts as the HF_DATASET setting.
+for ((i = 0; i < ${#EXTRA_ARGS[@]}; i++)); do
+    case "${EXTRA_ARGS[i]}" in
+        --hf-dataset) HF_DATASET="${EXTRA_ARGS[i+1]:-}"; EXTRA_ARGS=("${EXTRA_ARGS[@]:0:i}" "${EXTRA_ARGS[@]:i+2}"); break ;;
+        --hf-dataset=*) HF_DATASET="${EXTRA_ARGS[i]#--hf-dataset=}"; EXTRA_ARGS=("${EXTRA_ARGS[@]:0:i}" "${EXTRA_ARGS[@]:i+1}"); break ;;
     esac
 done
 
@@ -129,7 +142,14 @@ else
     PLOT_ARGS=()
 fi
 echo "  model ${SHOWN_MODEL}${EMBEDDED_NOTE}"
-echo "  questions ${SHOWN_QUESTIONS}; images ${SHOWN_IMAGES}; samples ${NUM_SAMPLES}"
+if [[ -n "${HF_DATASET:-}" ]]; then
+    # The HF dataset replaces the question file and the image folder (its images come from its image column).
+    DATA_ARGS=(--hf-dataset "${HF_DATASET}")
+    echo "  questions: HF dataset ${HF_DATASET}; samples ${NUM_SAMPLES}"
+else
+    DATA_ARGS=(--question-file "${QUESTION_FILE}" --image-folder "${IMAGE_FOLDER}")
+    echo "  questions ${SHOWN_QUESTIONS}; images ${SHOWN_IMAGES}; samples ${NUM_SAMPLES}"
+fi
 echo "  output ${OUTPUT_DIR}; ${GPU_NOTE}"
 
 STEP="${STEP_NAME}"
@@ -137,8 +157,7 @@ echo
 echo "== step 1/2: ${STEP}"
 "${PYTHON}" -m fastv_advanced.cli.sweep \
     --model-path "${MODEL_PATH}" \
-    --question-file "${QUESTION_FILE}" \
-    --image-folder "${IMAGE_FOLDER}" \
+    "${DATA_ARGS[@]}" \
     --single-pred-prompt \
     "${GRID_ARGS[@]}" \
     --baseline \

@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..embedded import ENV_VAR, resolve_embedded
+from ..embedded import ENV_VAR, embedded_enabled, resolve_embedded
 from ..model_loading import ModelSpec, inspect_model_path, resolve_device, resolve_dtype
 from ..methods import describe_methods
 from ..run_config import FieldError, RunConfig, check_run
@@ -158,7 +158,8 @@ def command_line(program: str, argv: list[str] | None) -> str:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """`--model-path --model-base --question-file --image-folder --split --num-samples`."""
+    """`--model-path --model-base --question-file --image-folder --hf-dataset --hf-config --hf-image-dir --split
+    --num-samples`."""
     data = parser.add_argument_group("model and data")
     data.add_argument("--model-path", help="transformers-format LLaVA folder or hub id (e.g. llava-hf/llava-1.5-7b-hf "
                       "in the local cache), or an original-format checkpoint folder (liuhaotian layout)")
@@ -168,8 +169,18 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
                       "official release's problems.json (or its folder) with pid_splits.json beside it")
     data.add_argument("--image-folder", default=None, help="folder the entries' 'image' paths are relative to; "
                       "default for the official release: <release>/images/<split>")
+    data.add_argument("--hf-dataset", default=None, metavar="ID_OR_PATH", help="ScienceQA from HF datasets instead "
+                      "of --question-file/--image-folder: a hub id in the local datasets cache (lmms-lab/ScienceQA, "
+                      "derek-thomas/ScienceQA), a local copy's folder or a parquet file in their schema; prompts as "
+                      "for the official release, images from the image column; needs pip install -e '.[hf]'")
+    data.add_argument("--hf-config", default=None, help="configuration of --hf-dataset (lmms-lab/ScienceQA: "
+                      "ScienceQA-IMG = the problems with an image, 2017 in test; ScienceQA-FULL = all)")
+    data.add_argument("--hf-image-dir", default=None, help="where the images of --hf-dataset are written for the "
+                      "evaluation (<id>/image.png, bytes unchanged); default: "
+                      "~/.cache/fastv_advanced/hf_images/<sha256 prefix>")
     data.add_argument("--split", default=None, help="split of the official release (train, val, test, minival, ...; "
-                      "default test); not for LLaVA question files")
+                      "default test) or of --hf-dataset (train, validation, test; default test); not for LLaVA "
+                      "question files")
     data.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N questions "
                       "(default: all)")
     return data
@@ -366,8 +377,14 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
 def _prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | None, list[str]]:
     """The selected questions, the image folder and the questions that cannot be evaluated (malformed entries,
     missing images)."""
+    if getattr(args, "hf_dataset", None) is not None:
+        return _prepare_hf_questions(args)
+    given = [flag for flag, value in (("--hf-config", getattr(args, "hf_config", None)),
+                                      ("--hf-image-dir", getattr(args, "hf_image_dir", None))) if value is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} apply only to --hf-dataset")
     if args.question_file is None:
-        raise UsageError(f"--question-file is required (or set {ENV_VAR}=1 for the embedded sample)",
+        raise UsageError(f"--question-file is required (or --hf-dataset, or set {ENV_VAR}=1 for the embedded sample)",
                          *_missing_folder(args.image_folder))
     try:
         questions = load_questions(args.question_file, args.split).head(args.num_samples)
@@ -384,6 +401,39 @@ def _prepare_questions(args: argparse.Namespace) -> tuple[QuestionSet, str | Non
     if image_folder is not None and with_images and not os.path.isdir(image_folder):
         raise UsageError(f"--image-folder {image_folder} does not exist ({with_images} questions need images)")
     bad = [q.error for q in questions.questions if q.error] + missing_images(questions.questions, image_folder)
+    return questions, image_folder, bad
+
+
+def _prepare_hf_questions(args: argparse.Namespace) -> tuple[QuestionSet, str, list[str]]:
+    """`_prepare_questions` for `--hf-dataset`: the split's questions, and their images written from the dataset to
+    `--hf-image-dir` (default: a cache folder named by the question set's hash); a dry run writes nothing."""
+    from ..hf_datasets import default_image_dir, load_hf_questions, write_images
+
+    both = [flag for flag, value in (("--question-file", args.question_file), ("--image-folder", args.image_folder))
+            if value is not None]
+    if both:
+        raise UsageError(
+            f"--hf-dataset replaces {' and '.join(both)}: give either --hf-dataset or --question-file/--image-folder"
+            + (f" ({ENV_VAR}=1 sets --question-file and --image-folder to the embedded data: unset it)"
+               if embedded_enabled() else "")
+        )
+    try:
+        hf = load_hf_questions(args.hf_dataset, args.hf_config, args.split,
+                               progress=not getattr(args, "no_progress", False))
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+    questions = hf.questions.head(args.num_samples)
+    if len(questions) == 0:
+        raise UsageError(f"--hf-dataset {args.hf_dataset} (split {hf.questions.split}) holds no questions")
+    image_folder = str(args.hf_image_dir or default_image_dir(hf.questions.sha256))
+    bad = [q.error for q in questions.questions if q.error]
+    if not getattr(args, "dry_run", False):
+        try:
+            write_images(hf, image_folder, questions.questions)
+        except OSError as exc:
+            raise UsageError(f"the images of --hf-dataset cannot be written to {image_folder}: {exc} "
+                             "(choose another folder with --hf-image-dir)") from exc
+        bad += missing_images(questions.questions, image_folder)
     return questions, image_folder, bad
 
 
@@ -465,6 +515,7 @@ def describe_inputs(inputs: Inputs) -> list[str]:
         f"  model: {spec.path} ({spec.format} format, {spec.num_layers} decoder layers, "
         f"{spec.num_image_tokens} image tokens per image)",
         f"  questions: {questions.path} ({questions.format} format"
+        + (f", config {questions.config}" if questions.config else "")
         + (f", split {questions.split}" if questions.split else "")
         + f", {questions.num_in_file} in file, {len(questions)} selected; sha256 {questions.sha256[:12]}...)",
         f"  images: {inputs.image_folder} ({sum(1 for q in questions.questions if q.image)} questions with an image)",
