@@ -181,8 +181,15 @@ def question_views(configurations: list[Configuration], question_ids: list[str],
     first = configurations[0].run
     question_file = question_file or (first.data.get("question_file") or {}).get("path")
     image_folder = image_folder or first.data.get("image_folder")
+    recorded = first.data.get("question_file") or {}
     try:
-        loaded = load_questions(question_file, first.data["question_file"].get("split"))
+        if recorded.get("format") == "hf" and question_file == recorded.get("path"):
+            from .hf_datasets import load_hf_questions
+
+            loaded = load_hf_questions(question_file, recorded.get("config"), recorded.get("split"),
+                                       progress=False).questions
+        else:
+            loaded = load_questions(question_file, recorded.get("split"))
     except DataError as exc:
         raise VisualizeError(f"{exc} (the question file the results record; give it with --question-file)") from exc
     questions = {q.id: q for q in loaded.questions}
