@@ -83,6 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--swap-mode", default="picture", choices=ImageSwappedForText.MODES,
                         help="what the swap replaces: the other picture's keys and values (picture) or only its "
                              "values, the weights coming from the text's own picture (values)")
+    parser.add_argument("--swap-image-queries", action=argparse.BooleanOptionalAction, default=False,
+                        help="in the swapped layers image tokens also read the other picture's image tokens (their "
+                             "own position excepted), so the picture's content is not spread across image tokens")
+    parser.add_argument("--attention-target", default="share", choices=AttentionTarget.KINDS,
+                        help="share: -log(image attention mass on the object); cover: cross-entropy of the image "
+                             "attention against a uniform distribution over the object's patches (every object patch "
+                             "above the background, as a top-R selection needs)")
     parser.add_argument("--attention-target-weight", type=float, default=0.0, metavar="W",
                         help="auxiliary loss W * -log(share of the last prompt position's image attention on the "
                              "object's patches) in --attention-target-layer (see AttentionTarget); 0: none")
@@ -148,14 +155,17 @@ class ImageSwappedForText:
       image positions are the next row's - the attention can find the object, what it reads is another picture's.
 
     What text reads from the picture in the first N layers is then unrelated to the answer, so training learns to
-    take the answer from layers >= N and to ignore what the early layers read. All rows must hold their image
-    tokens at the same positions (true for LLaVA prompts: the image follows the same system prompt). `remove()`
+    take the answer from layers >= N and to ignore what the early layers read. With `image_queries`, an image token
+    in those layers also reads the other picture's image tokens (itself excepted: it still reads its own position),
+    so what image tokens gather from each other there is useless too and the picture's content stays in the patches
+    that hold it. All rows must hold their image tokens at the same positions (true for LLaVA prompts: the image follows the same system prompt). `remove()`
     restores the attention function it replaced.
     """
 
     MODES = ("picture", "values")
 
-    def __init__(self, model, image_token_id: int, num_layers: int, mode: str = "picture"):
+    def __init__(self, model, image_token_id: int, num_layers: int, mode: str = "picture",
+                 image_queries: bool = False):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         if mode not in self.MODES:
@@ -164,6 +174,7 @@ class ImageSwappedForText:
         self.sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         self.image_token_id = image_token_id
         self.mode = mode
+        self.image_queries = image_queries
         self.targets = {id(layer.self_attn) for layer in model.model.language_model.layers[:num_layers]}
         self.mask: torch.Tensor | None = None
         self.enabled = True
@@ -171,15 +182,19 @@ class ImageSwappedForText:
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """input_ids, attention_mask: [B, S]; builds the [B, 1, S, 2S] mask over (own keys, swapped keys): text
-        queries take their image columns from the second half, everything else from the first."""
+        queries (and, with `image_queries`, image queries but for their own position) take their image columns
+        from the second half, everything else from the first."""
         is_image = input_ids == self.image_token_id  # [B, S]
         if not bool((is_image == is_image[:1]).all()):
             raise ValueError("ImageSwappedForText needs the image tokens at the same positions in every row")
         length = input_ids.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # [1, S, S]
-        text_query_image_key = (~is_image)[:, :, None] & is_image[:, None, :]  # [B, S, S]
-        own = causal & attention_mask.bool()[:, None, :] & ~text_query_image_key
-        swapped = causal & text_query_image_key
+        swap = (~is_image)[:, :, None] & is_image[:, None, :]  # [B, S, S]: text query, image key
+        if self.image_queries:
+            other = ~torch.eye(length, dtype=torch.bool, device=input_ids.device)[None]
+            swap = swap | (is_image[:, :, None] & is_image[:, None, :] & other)
+        own = causal & attention_mask.bool()[:, None, :] & ~swap
+        swapped = causal & swap
         self.mask = torch.cat([own, swapped], dim=-1)[:, None]  # [B, 1, S, 2S]
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
@@ -205,15 +220,25 @@ class AttentionTarget:
     SDPA attention function (whatever is installed, e.g. `ImageSwappedForText`'s) and, in that layer, computes the
     same probabilities from the query and the row's OWN keys it is given, then
 
-        loss = mean over rows of -log( sum of the mean-head attention over object patches
-                                       / sum of the mean-head attention over all image patches ),
+    `share`:  loss = mean over rows of -log( sum of the mean-head attention over object patches
+                                             / sum of the mean-head attention over all image patches ),
+    `cover`:  loss = mean over rows of the cross-entropy of that image attention, normalised over the image, against
+              the uniform distribution over the object's patches: -mean over object patches j of log(a_j / sum a);
+              it also wants every object patch above the background, which `share` does not (mass on a few object
+              patches satisfies it), and a top-R selection keeps patches by rank,
 
-    read from `self.loss` after the forward. Only the split of image mass is targeted, not how much of the
+    read from `self.loss` after the forward (`self.object_share`: the share, whichever the loss). Only the split of image mass is targeted, not how much of the
     attention goes to the image. The attention output itself is left to the wrapped function. `remove()` restores it.
     """
 
-    def __init__(self, model, layer: int):
+    KINDS = ("share", "cover")
+
+    def __init__(self, model, layer: int, kind: str = "share"):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r}: choose one of {self.KINDS}")
+        self.kind = kind
 
         self.functions = ALL_ATTENTION_FUNCTIONS
         self.inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -248,11 +273,17 @@ class AttentionTarget:
         scale = scaling if scaling is not None else module.scaling
         logits = torch.einsum("bhd,bhsd->bhs", last, keys) * scale
         future = torch.arange(length, device=query.device)[None, :] > query_positions[:, None]  # [B, S]
-        probs = logits.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # [B, S]
-        image = probs[is_image].view(batch, -1)  # [B, num_image_tokens], in order
-        on_object = (image * object_patches.to(image.dtype)).sum(dim=1)
-        share = on_object / image.sum(dim=1)
-        return -(share.clamp_min(1e-12)).log().mean(), share.detach()
+        log_probs = logits.masked_fill(future[:, None], float("-inf")).log_softmax(dim=-1)  # [B, H, S]
+        # Image columns first (all before the prompt's end, so finite: no NaN gradient from the masked ones).
+        log_image = log_probs.transpose(1, 2)[is_image].view(batch, -1, num_heads)  # [B, num_image_tokens, H]
+        log_image = log_image.logsumexp(dim=-1) - math.log(num_heads)  # log of the mean over heads
+        log_image = log_image - log_image.logsumexp(dim=1, keepdim=True)  # normalised over the image
+        weights = object_patches.to(log_image.dtype)
+        share = (log_image.exp() * weights).sum(dim=1)
+        if self.kind == "share":
+            return -(share.clamp_min(1e-12)).log().mean(), share.detach()
+        cross_entropy = -(log_image * weights).sum(dim=1) / weights.sum(dim=1)
+        return cross_entropy.mean(), share.detach()
 
     def remove(self) -> None:
         self.functions["sdpa"] = self.inner
@@ -383,10 +414,11 @@ def main(argv=None) -> int:
     model.train()
     swap_image = None
     if args.swap_image_layers:
-        swap_image = ImageSwappedForText(model, config.image_token_id, args.swap_image_layers, args.swap_mode)
+        swap_image = ImageSwappedForText(model, config.image_token_id, args.swap_image_layers, args.swap_mode,
+                                         args.swap_image_queries)
     attention_target = None
     if args.attention_target_weight:  # installed after the swap, so it sees each row's own keys
-        attention_target = AttentionTarget(model, args.attention_target_layer)
+        attention_target = AttentionTarget(model, args.attention_target_layer, args.attention_target)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {num_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}", flush=True)
 
@@ -497,7 +529,9 @@ def main(argv=None) -> int:
         "curriculum": [{k: v for k, v in st.items() if k != "questions"} for st in stages],
         "swap_image_layers": args.swap_image_layers,
         "swap_mode": args.swap_mode,
-        "attention_target": {"weight": args.attention_target_weight, "layer": args.attention_target_layer},
+        "swap_image_queries": args.swap_image_queries,
+        "attention_target": {"kind": args.attention_target, "weight": args.attention_target_weight,
+                             "layer": args.attention_target_layer},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "examples_seen": args.steps * args.batch_size,
