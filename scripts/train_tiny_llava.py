@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "object's patches) in --attention-target-layer (see AttentionTarget); 0: none")
     parser.add_argument("--attention-target-layer", type=int, default=1,
                         help="the decoder layer whose attention FastV at K = layer + 1 scores")
+    parser.add_argument("--read-target-layers", default="", metavar="L,...",
+                        help="also a `share` attention target, same weight, in these layers (e.g. 2: the layer that "
+                             "reads the picture finds the object; without it the reading layers may take the colour "
+                             "from wherever it has been spread to, or not find it at all)")
     parser.add_argument("--curriculum", default="",
                         help="simpler pictures first: comma-separated FRACTION:OBJECTS stages, e.g. 0.15:1,0.3:2 trains "
                              "the first 15%% of the steps on pictures with 1 object, up to 30%% with 2, then the recipe")
@@ -419,6 +423,7 @@ def main(argv=None) -> int:
     attention_target = None
     if args.attention_target_weight:  # installed after the swap, so it sees each row's own keys
         attention_target = AttentionTarget(model, args.attention_target_layer, args.attention_target)
+    read_targets = [AttentionTarget(model, int(layer), "share") for layer in filter(None, args.read_target_layers.split(","))]
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {num_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}", flush=True)
 
@@ -433,7 +438,7 @@ def main(argv=None) -> int:
     history = []
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
-    running = running_hits = running_share = None
+    running = running_hits = running_share = running_read_share = None
     try:
         for step in progress:
             stage = next((st for st in stages if step < st["end_step"]), None)
@@ -455,15 +460,23 @@ def main(argv=None) -> int:
             if swap_image is not None:
                 swap_image.enabled = True
                 swap_image.set_batch(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            if attention_target is not None:
-                attention_target.enabled = True
+            targets = [t for t in (attention_target, *read_targets) if t is not None]
+            if targets:
                 prompt_end = (batch["labels"] != -100).int().argmax(dim=1) - 1  # the last prompt position
-                attention_target.set_batch(prompt_end.to(device), (batch["input_ids"] == config.image_token_id).to(device),
-                                           torch.stack([object_patches(image) for image in images]).to(device))
+                is_image = (batch["input_ids"] == config.image_token_id).to(device)
+                painted = torch.stack([object_patches(image) for image in images]).to(device)
+                for target in targets:
+                    target.enabled = True
+                    target.set_batch(prompt_end.to(device), is_image, painted)
             output = model(**{k: v.to(device) for k, v in batch.items()})
             loss = output.loss
+            for target in targets:
+                loss = loss + args.attention_target_weight * target.loss
+            if read_targets:
+                read_share = sum(t.object_share.mean().item() for t in read_targets) / len(read_targets)
+                running_read_share = (read_share if running_read_share is None
+                                      else 0.95 * running_read_share + 0.05 * read_share)
             if attention_target is not None:
-                loss = loss + args.attention_target_weight * attention_target.loss
                 share = attention_target.object_share.mean().item()
                 running_share = share if running_share is None else 0.95 * running_share + 0.05 * share
             optimizer.zero_grad(set_to_none=True)
@@ -480,9 +493,11 @@ def main(argv=None) -> int:
             postfix = {"loss": f"{running:.3f}", "acc": f"{running_hits:.2f}"}
             if running_share is not None:
                 postfix["object_attention"] = f"{running_share:.2f}"
+            if running_read_share is not None:
+                postfix["read_object_attention"] = f"{running_read_share:.2f}"
             progress.set_postfix(**postfix, lr=f"{learning_rate(step, args):.1e}")
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-                for hook in (swap_image, attention_target):
+                for hook in (swap_image, attention_target, *read_targets):
                     if hook is not None:
                         hook.enabled = False  # validation measures the plain model
                 accuracy = first_token_accuracy(model, validation_inputs, device)
@@ -495,6 +510,8 @@ def main(argv=None) -> int:
                         pruned[name] = first_token_accuracy(model, validation_inputs, device)
                 history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
                                 **({} if running_share is None else {"train_object_attention_share": round(running_share, 3)}),
+                                **({} if running_read_share is None
+                                   else {"train_read_layers_object_attention_share": round(running_read_share, 3)}),
                                 "validation_first_token_accuracy": accuracy,
                                 **{f"validation_{name}_first_token_accuracy": value for name, value in pruned.items()},
                                 "seconds": round(time.perf_counter() - start, 1)})
@@ -506,6 +523,8 @@ def main(argv=None) -> int:
                            + ("" if running_share is None else f"; layer-{args.attention_target_layer} image attention "
                               f"on the object {running_share:.2f}"))
     finally:
+        for target in reversed(read_targets):
+            target.remove()
         if attention_target is not None:
             attention_target.remove()
         if swap_image is not None:
@@ -531,7 +550,8 @@ def main(argv=None) -> int:
         "swap_mode": args.swap_mode,
         "swap_image_queries": args.swap_image_queries,
         "attention_target": {"kind": args.attention_target, "weight": args.attention_target_weight,
-                             "layer": args.attention_target_layer},
+                             "layer": args.attention_target_layer,
+                             "read_layers": [int(layer) for layer in filter(None, args.read_target_layers.split(","))]},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "examples_seen": args.steps * args.batch_size,

@@ -263,10 +263,11 @@ def test_two_training_steps_with_swapped_values_and_the_attention_target(tmp_pat
                                   "--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "3",
                                   "--vision-hidden-size", "16", "--vision-layers", "1", "--swap-mode", "values",
                                   "--swap-image-queries", "--attention-target", "cover",
-                                  "--attention-target-weight", "0.5"])
+                                  "--attention-target-weight", "0.5", "--read-target-layers", "2"])
     assert code == 0
     assert ALL_ATTENTION_FUNCTIONS["sdpa"].__name__ == "sdpa_attention_forward"
     info = json.loads((output / "training_info.json").read_text())
     assert info["swap_mode"] == "values" and info["swap_image_queries"]
-    assert info["attention_target"] == {"kind": "cover", "weight": 0.5, "layer": 1}
+    assert info["attention_target"] == {"kind": "cover", "weight": 0.5, "layer": 1, "read_layers": [2]}
     assert 0 < info["history"][-1]["train_object_attention_share"] < 1
+    assert 0 < info["history"][-1]["train_read_layers_object_attention_share"] < 1
