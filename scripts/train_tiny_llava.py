@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from fastv_advanced import FastVConfig, apply_fastv, embedded, prompting, synthetic, tiny
 from fastv_advanced.run_files import cpu_name
+from measure_embedded_model import object_patches
 
 VALIDATION_SEED, VALIDATION_ID_START = 4241, 200001
 
@@ -79,6 +80,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training curriculum: in decoder layers 0..N-1 text tokens see another example's image "
                              "(see ImageSwappedForText), so the model learns to read its own picture in layers >= N; "
                              "0 trains without it")
+    parser.add_argument("--swap-mode", default="picture", choices=ImageSwappedForText.MODES,
+                        help="what the swap replaces: the other picture's keys and values (picture) or only its "
+                             "values, the weights coming from the text's own picture (values)")
+    parser.add_argument("--swap-image-queries", action=argparse.BooleanOptionalAction, default=False,
+                        help="in the swapped layers image tokens also read the other picture's image tokens (their "
+                             "own position excepted), so the picture's content is not spread across image tokens")
+    parser.add_argument("--attention-target", default="share", choices=AttentionTarget.KINDS,
+                        help="share: -log(image attention mass on the object); cover: cross-entropy of the image "
+                             "attention against a uniform distribution over the object's patches (every object patch "
+                             "above the background, as a top-R selection needs)")
+    parser.add_argument("--attention-target-weight", type=float, default=0.0, metavar="W",
+                        help="auxiliary loss W * -log(share of the last prompt position's image attention on the "
+                             "object's patches) in --attention-target-layer (see AttentionTarget); 0: none")
+    parser.add_argument("--attention-target-layer", type=int, default=1,
+                        help="the decoder layer whose attention FastV at K = layer + 1 scores")
+    parser.add_argument("--read-target-layers", default="", metavar="L,...",
+                        help="also a `share` attention target, same weight, in these layers (e.g. 2: the layer that "
+                             "reads the picture finds the object; without it the reading layers may take the colour "
+                             "from wherever it has been spread to, or not find it at all)")
     parser.add_argument("--curriculum", default="",
                         help="simpler pictures first: comma-separated FRACTION:OBJECTS stages, e.g. 0.15:1,0.3:2 trains "
                              "the first 15%% of the steps on pictures with 1 object, up to 30%% with 2, then the recipe")
@@ -128,50 +148,149 @@ def curriculum_stages(args, recipe: synthetic.Recipe) -> list[dict]:
 
 
 class ImageSwappedForText:
-    """Training-time curriculum: in decoder layers 0..N-1, text tokens see ANOTHER example's image tokens.
+    """Training-time curriculum: in decoder layers 0..N-1, what text tokens read from the image is ANOTHER example's.
 
     While it is enabled, the attention of those layers (SDPA, swapped in for this process only) gives each text
-    query the keys and values of the image tokens of the next batch row (`roll(1)`) instead of its own; image tokens
-    still attend to their own image. What text reads from the picture in the first N layers is then unrelated to the
-    answer, so training learns to take the answer from layers >= N and to ignore what the early layers read. All
-    rows must hold their image tokens at the same positions (true for LLaVA prompts: the image follows the same
-    system prompt). `remove()` restores the plain attention function.
+    query the image tokens of the next batch row (`roll(1)`) instead of its own; image tokens still attend to their
+    own image. Two modes:
+
+    - `picture`: the text queries get the next row's image keys AND values - they look at another picture;
+    - `values`: the text queries' weights come from their OWN picture's keys, but the values they read at those
+      image positions are the next row's - the attention can find the object, what it reads is another picture's.
+
+    What text reads from the picture in the first N layers is then unrelated to the answer, so training learns to
+    take the answer from layers >= N and to ignore what the early layers read. With `image_queries`, an image token
+    in those layers also reads the other picture's image tokens (itself excepted: it still reads its own position),
+    so what image tokens gather from each other there is useless too and the picture's content stays in the patches
+    that hold it. All rows must hold their image tokens at the same positions (true for LLaVA prompts: the image follows the same system prompt). `remove()`
+    restores the attention function it replaced.
     """
 
-    def __init__(self, model, image_token_id: int, num_layers: int):
+    MODES = ("picture", "values")
+
+    def __init__(self, model, image_token_id: int, num_layers: int, mode: str = "picture",
+                 image_queries: bool = False):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        if mode not in self.MODES:
+            raise ValueError(f"mode={mode!r}: choose one of {self.MODES}")
         self.functions = ALL_ATTENTION_FUNCTIONS
         self.sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         self.image_token_id = image_token_id
+        self.mode = mode
+        self.image_queries = image_queries
         self.targets = {id(layer.self_attn) for layer in model.model.language_model.layers[:num_layers]}
         self.mask: torch.Tensor | None = None
         self.enabled = True
         ALL_ATTENTION_FUNCTIONS["sdpa"] = self._attention
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """input_ids, attention_mask: [B, S]; builds the [B, 1, S, 2S] mask over (own keys, next row's keys)."""
+        """input_ids, attention_mask: [B, S]; builds the [B, 1, S, 2S] mask over (own keys, swapped keys): text
+        queries (and, with `image_queries`, image queries but for their own position) take their image columns
+        from the second half, everything else from the first."""
         is_image = input_ids == self.image_token_id  # [B, S]
         if not bool((is_image == is_image[:1]).all()):
             raise ValueError("ImageSwappedForText needs the image tokens at the same positions in every row")
         length = input_ids.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # [1, S, S]
-        text_query_image_key = (~is_image)[:, :, None] & is_image[:, None, :]  # [B, S, S]
-        own = causal & attention_mask.bool()[:, None, :] & ~text_query_image_key
-        swapped = causal & text_query_image_key
+        swap = (~is_image)[:, :, None] & is_image[:, None, :]  # [B, S, S]: text query, image key
+        if self.image_queries:
+            other = ~torch.eye(length, dtype=torch.bool, device=input_ids.device)[None]
+            swap = swap | (is_image[:, :, None] & is_image[:, None, :] & other)
+        own = causal & attention_mask.bool()[:, None, :] & ~swap
+        swapped = causal & swap
         self.mask = torch.cat([own, swapped], dim=-1)[:, None]  # [B, 1, S, 2S]
 
     def _attention(self, module, query, key, value, attention_mask, **kwargs):
         """query [B, H, S, D], key/value [B, Hkv, S, D] (after RoPE)."""
         if not (self.enabled and id(module) in self.targets and self.mask is not None):
             return self.sdpa(module, query, key, value, attention_mask, **kwargs)
-        key = torch.cat([key, key.roll(1, dims=0)], dim=2)
+        swapped_key = key.roll(1, dims=0) if self.mode == "picture" else key
+        key = torch.cat([key, swapped_key], dim=2)
         value = torch.cat([value, value.roll(1, dims=0)], dim=2)
         kwargs.pop("is_causal", None)
         return self.sdpa(module, query, key, value, self.mask, is_causal=False, **kwargs)
 
     def remove(self) -> None:
         self.functions["sdpa"] = self.sdpa
+
+
+class AttentionTarget:
+    """Auxiliary loss on the attention FastV scores: the last prompt position's attention in one decoder layer,
+    averaged over heads, should put its image mass on the object's patches.
+
+    FastV at K pruning after layer K-1 ranks the image tokens by the attention of the last prompt position in layer
+    K-1 (softmax over all keys, mean over heads; `selection.last_query_attention` + `avg_all_heads`). This wraps the
+    SDPA attention function (whatever is installed, e.g. `ImageSwappedForText`'s) and, in that layer, computes the
+    same probabilities from the query and the row's OWN keys it is given, then
+
+    `share`:  loss = mean over rows of -log( sum of the mean-head attention over object patches
+                                             / sum of the mean-head attention over all image patches ),
+    `cover`:  loss = mean over rows of the cross-entropy of that image attention, normalised over the image, against
+              the uniform distribution over the object's patches: -mean over object patches j of log(a_j / sum a);
+              it also wants every object patch above the background, which `share` does not (mass on a few object
+              patches satisfies it), and a top-R selection keeps patches by rank,
+
+    read from `self.loss` after the forward (`self.object_share`: the share, whichever the loss). Only the split of image mass is targeted, not how much of the
+    attention goes to the image. The attention output itself is left to the wrapped function. `remove()` restores it.
+    """
+
+    KINDS = ("share", "cover")
+
+    def __init__(self, model, layer: int, kind: str = "share"):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if kind not in self.KINDS:
+            raise ValueError(f"kind={kind!r}: choose one of {self.KINDS}")
+        self.kind = kind
+
+        self.functions = ALL_ATTENTION_FUNCTIONS
+        self.inner = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        self.target = id(model.model.language_model.layers[layer].self_attn)
+        self.layer = layer
+        self.batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.loss: torch.Tensor | None = None
+        self.object_share: torch.Tensor | None = None
+        self.enabled = True
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = self._attention
+
+    def set_batch(self, query_positions: torch.Tensor, is_image: torch.Tensor, object_patches: torch.Tensor) -> None:
+        """query_positions: LongTensor[B], each row's last prompt position; is_image: BoolTensor[B, S];
+        object_patches: BoolTensor[B, num_image_tokens] in image-token order."""
+        if not bool((is_image.sum(dim=1) == object_patches.shape[1]).all()):
+            raise ValueError("every row must hold exactly one image's tokens")
+        self.batch = (query_positions, is_image, object_patches)
+        self.loss = self.object_share = None
+
+    def _attention(self, module, query, key, value, attention_mask, **kwargs):
+        if self.enabled and id(module) == self.target and self.batch is not None:
+            self.loss, self.object_share = self._loss(module, query, key, kwargs.get("scaling"))
+        return self.inner(module, query, key, value, attention_mask, **kwargs)
+
+    def _loss(self, module, query, key, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+        query_positions, is_image, object_patches = self.batch
+        batch, num_heads, length, head_dim = query.shape
+        group = num_heads // key.shape[1]
+        rows = torch.arange(batch, device=query.device)
+        last = query[rows, :, query_positions].float()  # [B, H, D]
+        keys = key.float().repeat_interleave(group, dim=1)  # [B, H, S, D]: query head h reads kv head h // group
+        scale = scaling if scaling is not None else module.scaling
+        logits = torch.einsum("bhd,bhsd->bhs", last, keys) * scale
+        future = torch.arange(length, device=query.device)[None, :] > query_positions[:, None]  # [B, S]
+        log_probs = logits.masked_fill(future[:, None], float("-inf")).log_softmax(dim=-1)  # [B, H, S]
+        # Image columns first (all before the prompt's end, so finite: no NaN gradient from the masked ones).
+        log_image = log_probs.transpose(1, 2)[is_image].view(batch, -1, num_heads)  # [B, num_image_tokens, H]
+        log_image = log_image.logsumexp(dim=-1) - math.log(num_heads)  # log of the mean over heads
+        log_image = log_image - log_image.logsumexp(dim=1, keepdim=True)  # normalised over the image
+        weights = object_patches.to(log_image.dtype)
+        share = (log_image.exp() * weights).sum(dim=1)
+        if self.kind == "share":
+            return -(share.clamp_min(1e-12)).log().mean(), share.detach()
+        cross_entropy = -(log_image * weights).sum(dim=1) / weights.sum(dim=1)
+        return cross_entropy.mean(), share.detach()
+
+    def remove(self) -> None:
+        self.functions["sdpa"] = self.inner
 
 
 def init_position_embeddings(model, scale: float = 0.5) -> None:
@@ -204,10 +323,12 @@ def answer_ids(tokenizer, letter: str) -> list[int]:
     return tokenizer(letter, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def encode(question: synthetic.SyntheticQuestion, processor, config) -> tuple[list[int], list[int], torch.Tensor]:
-    """(input ids, labels, pixel values [3, H, W]) of one training example: the evaluation's prompt + the answer."""
+def encode(question: synthetic.SyntheticQuestion, processor, config, image=None) -> tuple[list[int], list[int], torch.Tensor]:
+    """(input ids, labels, pixel values [3, H, W]) of one training example: the evaluation's prompt + the answer.
+    `image`: the question's rendered picture, if already at hand."""
     text = question.entry["conversations"][0]["value"]
-    _, inputs = prompting.build_inputs(text, question.render(), processor, config, single_pred_prompt=True)
+    image = question.render() if image is None else image
+    _, inputs = prompting.build_inputs(text, image, processor, config, single_pred_prompt=True)
     prompt_ids = inputs["input_ids"][0].tolist()
     target = answer_ids(processor.tokenizer, question.answer)
     return prompt_ids + target, [-100] * len(prompt_ids) + target, inputs["pixel_values"][0]
@@ -297,7 +418,12 @@ def main(argv=None) -> int:
     model.train()
     swap_image = None
     if args.swap_image_layers:
-        swap_image = ImageSwappedForText(model, config.image_token_id, args.swap_image_layers)
+        swap_image = ImageSwappedForText(model, config.image_token_id, args.swap_image_layers, args.swap_mode,
+                                         args.swap_image_queries)
+    attention_target = None
+    if args.attention_target_weight:  # installed after the swap, so it sees each row's own keys
+        attention_target = AttentionTarget(model, args.attention_target_layer, args.attention_target)
+    read_targets = [AttentionTarget(model, int(layer), "share") for layer in filter(None, args.read_target_layers.split(","))]
     num_params = sum(p.numel() for p in model.parameters())
     print(f"model: {num_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}", flush=True)
 
@@ -312,7 +438,7 @@ def main(argv=None) -> int:
     history = []
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
-    running = running_hits = None
+    running = running_hits = running_share = running_read_share = None
     try:
         for step in progress:
             stage = next((st for st in stages if step < st["end_step"]), None)
@@ -326,15 +452,35 @@ def main(argv=None) -> int:
                         order = torch.randperm(len(train), generator=order_generator).tolist()
                     batch_indices.append(order.pop())
                 examples = [train[i] for i in batch_indices]
-            batch = collate([encode(q, processor, config) for q in examples], tokenizer.pad_token_id)
+            images = [q.render() for q in examples]
+            batch = collate([encode(q, processor, config, image) for q, image in zip(examples, images)],
+                            tokenizer.pad_token_id)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
             if swap_image is not None:
                 swap_image.enabled = True
                 swap_image.set_batch(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            targets = [t for t in (attention_target, *read_targets) if t is not None]
+            if targets:
+                prompt_end = (batch["labels"] != -100).int().argmax(dim=1) - 1  # the last prompt position
+                is_image = (batch["input_ids"] == config.image_token_id).to(device)
+                painted = torch.stack([object_patches(image) for image in images]).to(device)
+                for target in targets:
+                    target.enabled = True
+                    target.set_batch(prompt_end.to(device), is_image, painted)
             output = model(**{k: v.to(device) for k, v in batch.items()})
+            loss = output.loss
+            for target in targets:
+                loss = loss + args.attention_target_weight * target.loss
+            if read_targets:
+                read_share = sum(t.object_share.mean().item() for t in read_targets) / len(read_targets)
+                running_read_share = (read_share if running_read_share is None
+                                      else 0.95 * running_read_share + 0.05 * read_share)
+            if attention_target is not None:
+                share = attention_target.object_share.mean().item()
+                running_share = share if running_share is None else 0.95 * running_share + 0.05 * share
             optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             with torch.no_grad():  # is the answer letter the argmax where it is predicted (the last prompt position)?
@@ -344,26 +490,43 @@ def main(argv=None) -> int:
                 hits = (output.logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean().item()
             running = output.loss.item() if running is None else 0.95 * running + 0.05 * output.loss.item()
             running_hits = hits if running_hits is None else 0.95 * running_hits + 0.05 * hits
-            progress.set_postfix(loss=f"{running:.3f}", acc=f"{running_hits:.2f}", lr=f"{learning_rate(step, args):.1e}")
+            postfix = {"loss": f"{running:.3f}", "acc": f"{running_hits:.2f}"}
+            if running_share is not None:
+                postfix["object_attention"] = f"{running_share:.2f}"
+            if running_read_share is not None:
+                postfix["read_object_attention"] = f"{running_read_share:.2f}"
+            progress.set_postfix(**postfix, lr=f"{learning_rate(step, args):.1e}")
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-                if swap_image is not None:
-                    swap_image.enabled = False  # validation measures the plain model
+                for hook in (swap_image, attention_target, *read_targets):
+                    if hook is not None:
+                        hook.enabled = False  # validation measures the plain model
                 accuracy = first_token_accuracy(model, validation_inputs, device)
                 pruned = {}
                 for name, method, rank in (("rank0", "avg_all_heads", 0), ("quarter_avg_all_heads", "avg_all_heads", 144),
-                                           ("quarter_random", "random", 144)):
+                                           ("quarter_random", "random", 144), ("r64_avg_all_heads", "avg_all_heads", 64),
+                                           ("r64_random", "random", 64)):
                     fastv = FastVConfig(agg_layer=2, attention_rank=rank, token_selection_method=method, seed=args.seed)
                     with apply_fastv(model, fastv):
                         pruned[name] = first_token_accuracy(model, validation_inputs, device)
                 history.append({"step": step + 1, "loss": round(running, 4), "train_accuracy": round(running_hits, 3),
+                                **({} if running_share is None else {"train_object_attention_share": round(running_share, 3)}),
+                                **({} if running_read_share is None
+                                   else {"train_read_layers_object_attention_share": round(running_read_share, 3)}),
                                 "validation_first_token_accuracy": accuracy,
                                 **{f"validation_{name}_first_token_accuracy": value for name, value in pruned.items()},
                                 "seconds": round(time.perf_counter() - start, 1)})
                 tqdm.write(f"step {step + 1}: loss {running:.4f}, train accuracy {running_hits:.3f}, "
                            f"validation accuracy {accuracy:.3f}; at K=2 with every image token dropped "
                            f"{pruned['rank0']:.3f}, 25% kept by avg_all_heads {pruned['quarter_avg_all_heads']:.3f}, "
-                           f"by random {pruned['quarter_random']:.3f}")
+                           f"by random {pruned['quarter_random']:.3f}; 64 kept by avg_all_heads "
+                           f"{pruned['r64_avg_all_heads']:.3f}, by random {pruned['r64_random']:.3f}"
+                           + ("" if running_share is None else f"; layer-{args.attention_target_layer} image attention "
+                              f"on the object {running_share:.2f}"))
     finally:
+        for target in reversed(read_targets):
+            target.remove()
+        if attention_target is not None:
+            attention_target.remove()
         if swap_image is not None:
             swap_image.remove()
     training_seconds = time.perf_counter() - start
@@ -384,6 +547,11 @@ def main(argv=None) -> int:
         "recipe_is_default": recipe == synthetic.DEFAULT_RECIPE,
         "curriculum": [{k: v for k, v in st.items() if k != "questions"} for st in stages],
         "swap_image_layers": args.swap_image_layers,
+        "swap_mode": args.swap_mode,
+        "swap_image_queries": args.swap_image_queries,
+        "attention_target": {"kind": args.attention_target, "weight": args.attention_target_weight,
+                             "layer": args.attention_target_layer,
+                             "read_layers": [int(layer) for layer in filter(None, args.read_target_layers.split(","))]},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "examples_seen": args.steps * args.batch_size,
