@@ -252,3 +252,22 @@ def test_embedded_model_batches_give_the_same_predictions_and_kept_tokens(tmp_pa
         assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
         assert [r["kept_image_indices"] for r in batched] == [r["kept_image_indices"] for r in single]
         assert without_timing(batched) == without_timing(single)
+
+
+def test_throughput_benchmark_runs_and_reports_ratios(tmp_path, capsys):
+    """`benchmarks/bench_throughput.py` end to end on the scaled CPU shape, smallest setting."""
+    import importlib
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    bench = importlib.import_module("bench_throughput")
+    assert bench.main(["--num-questions", "2", "--batch-sizes", "1", "2", "--ranks", "288", "--no-baseline",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| FastV K=2 R=288 | 2 |" in out and "Same predictions at every batch size: FastV K=2 R=288 yes" in out
+    assert "fastv-sweep --model-path ./models/llava-1.5-7b-hf" in out and "--batch-size $BS" in out
+    (written,) = tmp_path.glob("bench_throughput_scaled_cpu_*.json")
+    rows = json.loads(written.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2] and rows[0]["vs_batch1"] == 1.0
