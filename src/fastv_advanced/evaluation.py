@@ -56,7 +56,7 @@ class RunOptions:
     questions were cut to (recorded). answers_file: also write LLaVA's answers JSONL. command: the command line
     (recorded). progress: show a progress bar. log: where progress lines go. batch_size: questions per `generate`
     (1: one at a time, the per-question latency; more: left-padded batches of similar prompt length, the same
-    predictions, higher throughput; recorded in the header, the result and each record).
+    predictions, more throughput on a GPU; recorded in the header, the result and each record).
     """
 
     output_dir: str | os.PathLike = "."

@@ -232,7 +232,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = Tru
 
     run.add_argument("--batch-size", type=batch_size, default=1, metavar="N",
                      help="questions per generate: 1 = one at a time (the per-question latency); N > 1 = left-padded "
-                     "batches of similar prompt length, the same predictions at a higher throughput (latencies are "
+                     "batches of similar prompt length, the same predictions, more throughput on a GPU (latencies are "
                      "then per batch)")
     run.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="a bad sample (malformed "
                      "entry, missing/corrupt image): skip = record it as an error (counted wrong) and go on; "
