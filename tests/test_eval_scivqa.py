@@ -600,7 +600,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, question_set, tmp_path, reference_run):
+@pytest.mark.parametrize("batch_size", ["1", "2"])
+def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, question_set, tmp_path, reference_run, batch_size):
     pytest.importorskip("accelerate")
     out = tmp_path / "parallel"
     # On a machine without GPUs, accelerate's --multi_gpu launcher (torchrun) starts CPU processes; the command
@@ -608,7 +609,8 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, question_set, 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(WRAPPER),
-               *base_args(tiny_model_dir, question_set, out, *FASTV_ARGS, "--device", "cpu")]
+               *base_args(tiny_model_dir, question_set, out, *FASTV_ARGS, "--device", "cpu", "--batch-size",
+                          batch_size)]
     done = subprocess.run(command, cwd=tmp_path, env=subprocess_env(CUDA_VISIBLE_DEVICES=""), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -624,6 +626,7 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_model_dir, question_set, 
     _, records = read_jsonl(out / f"{stem}.jsonl")
     assert {r["id"]: (r["output"], r["num_kept_image_tokens"], r["prefill_flops"]) for r in records} == reference_run
     assert done.stdout.count("ScienceQA - ") == 1  # only the main process prints the summary
+    assert result["batch_size"] == int(batch_size)
 
 
 def test_original_format_checkpoints_are_loaded_by_the_converter_module(tiny_model_dir, question_set, tmp_path,

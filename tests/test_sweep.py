@@ -256,6 +256,8 @@ def normalised_result(path: Path) -> dict:
         result.pop(key, None)
     for key in ("prefill_mean", "prefill_median", "generate_mean", "generate_median"):
         result["latency"].pop(key)
+    for key in ("questions_per_s", "prefill_tokens_per_s"):
+        result["throughput"].pop(key)
     return result
 
 

@@ -56,6 +56,7 @@ def summarize(
         "accuracy_excluding_errors": correct / len(ok) if ok else None,
         "complete": num_selected is None or total == num_selected,
         "latency": latency,
+        "throughput": _throughput(ok),
         "tokens": _tokens(ok),
         "flops_info": _flops(ok, run_config, shape),
         "peak_gpu_memory_bytes": _peak_memory(ok),
@@ -77,6 +78,7 @@ def _latency(ok: list[dict], max_new_tokens: int) -> dict:
         timed = ok
     prefill = [r["prefill_s"] for r in timed if r.get("prefill_s") is not None]
     generate = [r["generate_s"] for r in timed]
+    batched = any(r.get("batch_size", 1) > 1 for r in timed)
     return {
         "unit": "seconds",
         "prefill_mean": _mean(prefill),
@@ -87,6 +89,33 @@ def _latency(ok: list[dict], max_new_tokens: int) -> dict:
         "warmup_samples_excluded": 0 if warmup_only else sum(1 for r in ok if r.get("warmup")),
         "prefill_is": "time to first token of generate (vision tower + decoder prefill + first token)",
         "generate_is": "end-to-end generate (greedy, max_new_tokens=%d)" % max_new_tokens,
+        **({"batched_is": BATCHED_LATENCY} if batched else {}),
+    }
+
+
+BATCHED_LATENCY = (
+    "questions were evaluated in batches (each record's batch_size): a question's prefill_s and generate_s are its "
+    "batch's (every row of a batch shares them), so these means are the latency a question saw in its batch, not "
+    "its share of the compute; `throughput` divides each batch's time among its rows"
+)
+
+
+def _throughput(ok: list[dict]) -> dict:
+    """Questions and prompt tokens per second of the timed samples (warm-up left out as for the latency): each
+    record's `prefill_s` / `generate_s` is its batch's, so a record contributes that time / its `batch_size` (at
+    batch 1, questions_per_s = 1 / generate_mean)."""
+    timed = [r for r in ok if not r.get("warmup")] or ok
+    generate_s = sum(r["generate_s"] / r.get("batch_size", 1) for r in timed)
+    with_prefill = [r for r in timed if r.get("prefill_s") is not None]
+    prefill_s = sum(r["prefill_s"] / r.get("batch_size", 1) for r in with_prefill)
+    return {
+        "questions_per_s": len(timed) / generate_s if generate_s else None,
+        "prefill_tokens_per_s": sum(r["num_tokens"] for r in with_prefill) / prefill_s if prefill_s else None,
+        "timed_samples": len(timed),
+        "mean_batch_size": _mean([r.get("batch_size", 1) for r in timed]),
+        "questions_per_s_is": "timed questions / the summed generate seconds of their batches",
+        "prefill_tokens_per_s_is": "prompt tokens (image tokens included, before pruning, padding excluded) / the "
+                                   "summed prefill seconds (time to first token) of their batches",
     }
 
 
@@ -146,6 +175,7 @@ def build_result(summary: dict, header: dict, *, jsonl_name: str, started: float
             "seed": header["config"]["run"]["seed"],
             "environment": header["environment"],
             "command": header.get("command"),
+            "batch_size": header.get("batch_size", 1),
             "samples_file": jsonl_name,
             "fingerprint": header["fingerprint"],
             "fingerprint_config": header["config"],
@@ -176,6 +206,7 @@ def format_summary(result: dict, result_path: str | None = None, failed: list[st
         f"  latency       prefill mean {fmt(latency['prefill_mean'])} s, median {fmt(latency['prefill_median'])} s; "
         f"generate mean {fmt(latency['generate_mean'])} s, median {fmt(latency['generate_median'])} s "
         f"({latency['timed_samples']} timed, {latency['warmup_samples_excluded']} warm-up excluded)",
+        *_throughput_line(result),
         f"  image tokens  {fmt(tokens['avg_image_tokens'], '.1f')} seen, {fmt(tokens['avg_kept_image_tokens'], '.1f')} "
         f"kept (mean over the {tokens['samples_with_image']} samples with an image)",
         f"  prefill FLOPs ratio {flops['flops_ratio']:.4f} ({fmt(flops['avg_prefill_flops'], '.4g')} vs "
@@ -186,6 +217,19 @@ def format_summary(result: dict, result_path: str | None = None, failed: list[st
     if result_path:
         lines.append(f"  results       {result_path} (per sample: {result.get('samples_file')})")
     return "\n".join(lines)
+
+
+def _throughput_line(result: dict) -> list[str]:
+    """The summary's throughput line (none for a result written before throughput was recorded)."""
+    throughput = result.get("throughput")
+    if not throughput or throughput.get("questions_per_s") is None:
+        return []
+    tokens = throughput.get("prefill_tokens_per_s")
+    batch = throughput.get("mean_batch_size") or 1
+    return [f"  throughput    {throughput['questions_per_s']:.2f} questions/s, "
+            + ("n/a" if tokens is None else f"{tokens:.0f}") + " prefill tokens/s"
+            + (f" (batches of {batch:.3g} questions on average: the latencies above are per batch)"
+               if batch > 1 else "")]
 
 
 def format_failures(failed: list[str], shown: int = FAILURES_SHOWN) -> list[str]:

@@ -134,10 +134,52 @@ def build_inputs(
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """(prompt, model inputs) for one question: `input_ids` [1, S], `attention_mask` [1, S] and, with an image,
     `pixel_values` [1, 3, H, W]."""
-    prompt = build_prompt(question, image is not None, single_pred_prompt, conv_mode)
-    ids = tokenize_with_image(prompt, processor.tokenizer, model_config.image_token_id, num_image_tokens(model_config))
+    prompt, ids = prompt_token_ids(question, image is not None, processor, model_config, single_pred_prompt, conv_mode)
     input_ids = torch.tensor([ids], dtype=torch.long)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if image is not None:
         inputs["pixel_values"] = preprocess_image(image, processor.image_processor, image_aspect_ratio)
     return prompt, inputs
+
+
+def prompt_token_ids(
+    question: str, has_image: bool, processor, model_config, single_pred_prompt: bool = True,
+    conv_mode: str = "vicuna_v1",
+) -> tuple[str, list[int]]:
+    """(prompt, token ids) of one question, image tokens expanded: what `build_inputs` feeds the model, known
+    before the image is read (a batched run groups questions by it)."""
+    prompt = build_prompt(question, has_image, single_pred_prompt, conv_mode)
+    ids = tokenize_with_image(prompt, processor.tokenizer, model_config.image_token_id, num_image_tokens(model_config))
+    return prompt, ids
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The id left padding uses: the tokenizer's pad token, else its EOS, else 0 (padded positions are masked out,
+    so the id only has to exist in the vocabulary)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def batch_inputs(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Several questions' `build_inputs` dicts as one left-padded batch, and each row's padding length.
+
+    `input_ids` [B, S] (S = the longest prompt; shorter rows get `pad_token_id` on the left), `attention_mask`
+    [B, S] (0 on the padding) and, when the rows have images, `pixel_values` [B, 3, H, W] stacked in row order.
+    Every row must have an image or none must (a pruned prefill needs the same number of image tokens per row).
+    """
+    with_image = ["pixel_values" in row for row in rows]
+    if any(with_image) and not all(with_image):
+        raise ValueError("a batch must hold only questions with an image or only text-only questions")
+    lengths = [int(row["input_ids"].shape[1]) for row in rows]
+    longest = max(lengths)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for index, (row, length) in enumerate(zip(rows, lengths)):
+        input_ids[index, longest - length:] = row["input_ids"][0]
+        attention_mask[index, longest - length:] = row["attention_mask"][0]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if all(with_image):
+        inputs["pixel_values"] = torch.cat([row["pixel_values"] for row in rows])
+    return inputs, [longest - length for length in lengths]

@@ -4,6 +4,9 @@
   an unreadable image).
 - `run_questions(ctx, journal, selected, todo, ...)`: the questions left to do, with the pruning hooks installed
   for the whole loop, each record appended to the per-sample journal as soon as it exists, and a progress bar.
+  With `batch_size` > 1 the questions are grouped into left-padded batches (`plan_batches`: same kind, image or
+  text-only, and similar prompt lengths) and each batch is one `generate` (`run_batch`); the records are the
+  same as one question at a time, with the batch's timings.
 - `FirstTokenTimer`: prefill time as the time to the first generated token.
 """
 
@@ -18,7 +21,7 @@ import torch
 
 from .answers import FAILED, is_correct, parse_answer
 from .flops import DecoderShape, schedule_flops
-from .prompting import build_inputs
+from .prompting import batch_inputs, build_inputs, pad_token_id_of, prompt_token_ids
 from .run_config import RunConfig
 from .run_files import SampleJournal
 from .scienceqa import Question, SampleError, load_image
@@ -79,7 +82,8 @@ class SampleContext:
 
 @dataclass
 class _Generation:
-    """One `generate` call: `output` ids [1, S + new tokens] and its seconds (prefill None when no token came)."""
+    """One `generate` call: `output` ids [batch, S + new tokens] and its seconds (prefill None when no token
+    came)."""
 
     output: torch.Tensor
     prefill_s: float | None
@@ -108,9 +112,87 @@ def run_sample(ctx: SampleContext, question: Question, warmup: bool) -> dict:
     return _sample_record(ctx, question, prompt, is_image, generation, seed, warmup)
 
 
+@dataclass
+class PlannedQuestion:
+    """A question of a batched run, tokenized before its image is read: `ids` is its prompt's token ids (image
+    tokens expanded), which decide the batch it joins."""
+
+    question: Question
+    prompt: str
+    ids: list[int]
+
+    @property
+    def has_image(self) -> bool:
+        return self.question.image is not None
+
+
+def plan_questions(ctx: SampleContext, questions: list[Question]) -> list[PlannedQuestion]:
+    """Prompts and token ids of `questions` (without a malformed entry's), in the given order."""
+    config = ctx.run_config
+    planned = []
+    for question in questions:
+        if question.error is None:
+            prompt, ids = prompt_token_ids(question.text, question.image is not None, ctx.processor, ctx.model.config,
+                                           config.single_pred_prompt, config.conv_mode)
+            planned.append(PlannedQuestion(question, prompt, ids))
+    return planned
+
+
+def plan_batches(planned: list[PlannedQuestion], batch_size: int) -> list[list[PlannedQuestion]]:
+    """Batches of at most `batch_size` questions, each of one kind (all with an image or all text-only: the pruner
+    needs the same number of image tokens in every row), grouped by prompt length to limit padding.
+
+    The order is deterministic: questions with an image first, longest prompt first (the most memory-hungry batch
+    runs first, so a batch size that does not fit fails at once), ties in the given order.
+    """
+    order = sorted(range(len(planned)), key=lambda i: (not planned[i].has_image, -len(planned[i].ids), i))
+    batches: list[list[PlannedQuestion]] = []
+    for index in order:
+        item = planned[index]
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].has_image == item.has_image:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def run_batch(ctx: SampleContext, batch: list[PlannedQuestion], images: list, warmup: bool) -> tuple[list[dict], bool]:
+    """Evaluate `batch` (with its loaded `images`, None for text-only) as one left-padded greedy `generate`.
+
+    Returns one record per question, in batch order, each as `run_sample` would write it, with the batch's
+    `prefill_s` and `generate_s` and its `batch_size`, and whether the pruning method drew random numbers. The
+    pruner chooses each row's tokens; the generator randomised methods use is seeded with the first row's seed
+    only, so for such a method only a batch of one matches `run_sample` (`run_questions` then goes one at a time).
+    """
+    config = ctx.run_config
+    rows = []
+    for item, image in zip(batch, images):
+        _, inputs = build_inputs(item.question.text, image, ctx.processor, ctx.model.config,
+                                 config.single_pred_prompt, config.conv_mode, config.image_aspect_ratio)
+        rows.append(inputs)
+    inputs, pads = batch_inputs(rows, pad_token_id_of(ctx.processor.tokenizer))
+    inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(ctx.dtype)
+    seeds = [sample_seed(config.seed, item.question.id) for item in batch]
+    state = None
+    if ctx.pruner is not None:
+        ctx.pruner.reseed(seeds[0])
+        ctx.pruner.selections = []
+        state = ctx.pruner.generator.get_state()
+    generation = _generate(ctx, inputs, seeds[0])
+    drew_random = state is not None and not torch.equal(state, ctx.pruner.generator.get_state())
+    records = []
+    for row, (item, pad, seed, row_inputs) in enumerate(zip(batch, pads, seeds, rows)):
+        is_image = row_inputs["input_ids"][0] == ctx.model.config.image_token_id  # [S] of the unpadded prompt
+        records.append(_sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
+                                      row=row, pad=pad, batch_size=len(batch)))
+    return records, drew_random
+
+
 def _generate(ctx: SampleContext, inputs: dict, seed: int) -> _Generation:
-    """Greedy (or seeded sampling) `generate` on `inputs` (`input_ids` [1, S], ...), timed to the first token and
-    to the end, with the device synchronised around it."""
+    """Greedy (or seeded sampling) `generate` on `inputs` (`input_ids` [batch, S], ...), timed to the first token
+    and to the end, with the device synchronised around it."""
     config = ctx.run_config
     generation = {"max_new_tokens": config.max_new_tokens, "do_sample": config.temperature > 0}
     if config.temperature > 0:
@@ -135,11 +217,15 @@ def _generate(ctx: SampleContext, inputs: dict, seed: int) -> _Generation:
 
 def _sample_record(
     ctx: SampleContext, question: Question, prompt: str, is_image: torch.Tensor, generation: _Generation, seed: int,
-    warmup: bool,
+    warmup: bool, *, row: int = 0, pad: int = 0, batch_size: int = 1,
 ) -> dict:
-    """The JSONL record of an evaluated sample; `is_image` [S] marks the prompt's image tokens."""
+    """The JSONL record of an evaluated sample; `is_image` [S] marks the prompt's image tokens. In a batch the
+    sample is row `row` of the output, after `pad` padding tokens; its answer ends at its first EOS (the rows
+    that finished earlier are padded while the others go on)."""
     num_tokens, num_image = int(is_image.shape[0]), int(is_image.sum())
-    generated = generation.output[0, num_tokens:]
+    generated = generation.output[row, pad + num_tokens:]
+    if batch_size > 1:
+        generated = _up_to_eos(generated, _eos_ids(ctx.model))
     text = ctx.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
     prediction = parse_answer(text)
     selections = ctx.pruner.selections if ctx.pruner is not None else []
@@ -165,10 +251,11 @@ def _sample_record(
         "num_kept_image_tokens": num_kept,
         "pruned": pruned,
         "image_start": int(is_image.nonzero()[0]) if num_image else None,
-        "head_index": int(selection.head_index[0]) if pruned and selection.head_index is not None else None,
+        "head_index": int(selection.head_index[row]) if pruned and selection.head_index is not None else None,
         "num_generated_tokens": int(generated.shape[0]),
         "prefill_s": generation.prefill_s,
         "generate_s": generation.generate_s,
+        "batch_size": batch_size,
         "warmup": warmup,
         "prefill_flops": flops["flops"],
         "baseline_prefill_flops": flops["baseline_flops"],
@@ -180,18 +267,34 @@ def _sample_record(
         "seed": seed,
     }
     if ctx.save_selection:
-        record["kept_image_indices"] = selection.kept_image_indices[0].tolist() if pruned else None
-        record["image_scores"] = _first_stage_scores(selections[0]) if pruned else None
+        record["kept_image_indices"] = selection.kept_image_indices[row].tolist() if pruned else None
+        record["image_scores"] = _first_stage_scores(selections[0], row) if pruned else None
     return record
 
 
-def _first_stage_scores(selection) -> list[float] | None:
-    """The first stage's scores of the prompt's image tokens (6 significant digits), None when it had none or did
-    not score every image token."""
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    """The token ids that end an answer (`generation_config.eos_token_id`, one or a list)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(token) for token in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _up_to_eos(generated: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """`generated` [T] up to and including its first EOS (what `generate` returns for the row alone)."""
+    for index, token in enumerate(generated.tolist()):
+        if token in eos_ids:
+            return generated[: index + 1]
+    return generated
+
+
+def _first_stage_scores(selection, row: int = 0) -> list[float] | None:
+    """The first stage's scores of the prompt's image tokens in batch row `row` (6 significant digits), None when
+    it had none or did not score every image token."""
     if selection.scores is None or selection.scores.shape[-1] != selection.candidate_image_indices.shape[-1]:
         return None
-    order = selection.candidate_image_indices[0].argsort()
-    return [float(f"{value:.6g}") for value in selection.scores[0, order].float().tolist()]
+    order = selection.candidate_image_indices[row].argsort()
+    return [float(f"{value:.6g}") for value in selection.scores[row, order].float().tolist()]
 
 
 def error_record(question: Question, message: str) -> dict:
@@ -204,13 +307,20 @@ def error_record(question: Question, message: str) -> dict:
 
 def run_questions(
     ctx: SampleContext, journal: SampleJournal, selected: list[Question], todo: list[Question], *, on_error: str,
-    progress: bool,
+    progress: bool, batch_size: int = 1, log=print,
 ) -> None:
-    """Evaluate `todo` (the questions of `selected` without a finished record) in order, appending each record to
-    `journal` as soon as it exists. The pruning hooks are installed for the loop and removed after it, also on an
+    """Evaluate `todo` (the questions of `selected` without a finished record), appending each record to `journal`
+    as soon as it exists. The pruning hooks are installed for the loop and removed after it, also on an
     exception. A bad sample is recorded as an error; with `on_error="fail"` it then stops the run
     (`EvaluationError`). The first sample this process evaluates is marked `warmup` (it pays for lazy
-    initialisation and is left out of the timing means)."""
+    initialisation and is left out of the timing means).
+
+    `batch_size` 1 evaluates `todo` in order, one question per `generate`. A larger one evaluates `plan_batches`
+    batches (each question's record written when its batch ends; the first batch is the warm-up). Batching is
+    left for one question at a time, with a note through `log`, where it would change results: sampling
+    (temperature > 0, seeded per question) and a pruning method that draws random numbers (seeded per question;
+    found when the first batch draws any, which is then evaluated again one question at a time).
+    """
     from tqdm.auto import tqdm
 
     todo_ids = {q.id for q in todo}
@@ -218,23 +328,81 @@ def run_questions(
     counts = {"correct": sum(1 for r in done_records if r.get("correct")), "finished": len(done_records), "errors": 0}
     bar = tqdm(total=len(selected), initial=counts["finished"], desc=ctx.run_config.label, disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
-    warmed_up = False
+
+    def count(record: dict) -> None:
+        counts["finished"] += 1
+        counts["correct"] += int(record["correct"])
+        counts["errors"] += int(record["error"] is not None)
+        bar.update(1)
+        bar.set_postfix(acc=f"{counts['correct'] / counts['finished']:.3f}", errors=counts["errors"], refresh=False)
+
+    if batch_size > 1 and ctx.run_config.temperature > 0:
+        log(f"note: --batch-size {batch_size} is not used with --temperature {ctx.run_config.temperature}: sampling "
+            "is seeded per question, so questions are evaluated one at a time")
+        batch_size = 1
     try:
         ctx.pruner = ctx.run_config.apply(ctx.model)
+        warmed_up = False
+        if batch_size > 1:
+            todo, warmed_up = _run_batched(ctx, journal, todo, batch_size, on_error, count, log)
         for question in todo:
             record = _record_one(ctx, journal, question, not warmed_up, on_error)
             warmed_up = warmed_up or record["error"] is None
-            counts["finished"] += 1
-            counts["correct"] += int(record["correct"])
-            counts["errors"] += int(record["error"] is not None)
-            bar.update(1)
-            bar.set_postfix(acc=f"{counts['correct'] / counts['finished']:.3f}", errors=counts["errors"],
-                            refresh=False)
+            count(record)
     finally:
         bar.close()
         if ctx.pruner is not None:
             ctx.pruner.remove()
             ctx.pruner = None
+
+
+def _run_batched(ctx: SampleContext, journal: SampleJournal, todo: list[Question], batch_size: int, on_error: str,
+                 count, log) -> tuple[list[Question], bool]:
+    """Evaluate `todo` in batches. Returns the questions left for one-at-a-time evaluation (none, unless the
+    method turned out to draw random numbers: then every question not recorded by this call, in order) and
+    whether a batch already ran (the warm-up is done)."""
+    recorded: set[str] = set()
+
+    def record_error(question: Question, exc: SampleError) -> None:
+        recorded.add(question.id)
+        count(_record_error(journal, question, exc, on_error))
+
+    for question in todo:
+        if question.error is not None:
+            record_error(question, SampleError(question.error))
+    warmup = True
+    for batch in plan_batches(plan_questions(ctx, todo), batch_size):
+        ready, images = [], []
+        for item in batch:
+            try:
+                images.append(load_image(ctx.image_folder, item.question))
+                ready.append(item)
+            except SampleError as exc:
+                record_error(item.question, exc)
+        if not ready:
+            continue
+        records, drew_random = run_batch(ctx, ready, images, warmup)
+        if drew_random and len(ready) > 1:
+            log(f"note: {ctx.run_config.label} draws random numbers, seeded per question: its questions are "
+                "evaluated one at a time (--batch-size is not used for it)")
+            return [q for q in todo if q.id not in recorded], True
+        for record in records:
+            journal.append(record)
+            recorded.add(record["id"])
+            count(record)
+        warmup = False
+    return [], not warmup
+
+
+def _record_error(journal: SampleJournal, question: Question, exc: SampleError, on_error: str) -> dict:
+    """Append the error record of a bad sample; `EvaluationError` after recording it when `on_error="fail"`."""
+    record = error_record(question, str(exc))
+    journal.append(record)
+    if on_error == "fail":
+        raise EvaluationError(
+            f"{exc} (recorded in {journal.path}; --on-error skip records bad samples and goes on)"
+        ) from exc
+    return record
 
 
 def _record_one(ctx: SampleContext, journal: SampleJournal, question: Question, warmup: bool, on_error: str) -> dict:
@@ -243,12 +411,6 @@ def _record_one(ctx: SampleContext, journal: SampleJournal, question: Question, 
     try:
         record = run_sample(ctx, question, warmup=warmup)
     except SampleError as exc:
-        record = error_record(question, str(exc))
-        journal.append(record)
-        if on_error == "fail":
-            raise EvaluationError(
-                f"{exc} (recorded in {journal.path}; --on-error skip records bad samples and goes on)"
-            ) from exc
-        return record
+        return _record_error(journal, question, exc, on_error)
     journal.append(record)
     return record

@@ -22,6 +22,8 @@
 #                                   CUDA_VISIBLE_DEVICES is not already set; an explicit value is always used
 #                                   (GPU="" hides every GPU: a CPU run).
 #   OUTPUT_DIR     --output-dir     . (the result files land where the compare step looks by default)
+#   BATCH_SIZE     --batch-size     1: questions per generate (1 = the guide's per-question latency; e.g. 16 on a
+#                                   GPU for throughput: same predictions, latencies then per batch)
 #   COMPARE        --no-compare     1: print the comparison table at the end (0 / --no-compare: skip it)
 #   ZOO            --zoo            0: the guide's suite; 1: the method zoo instead: baseline and every pruning method
 #                                   at its papers' 192 / 128 / 64-token presets (uniform and pool: 144 / 64), layers
@@ -37,7 +39,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/../../.." && pwd)"
 
 usage() {
-    sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,35p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 GPU_GIVEN=${GPU+yes}
@@ -50,6 +52,7 @@ while (($#)); do
         --hf-dataset) HF_DATASET="$2"; shift 2 ;;
         --num-samples) NUM_SAMPLES="$2"; shift 2 ;;
         --output-dir) OUTPUT_DIR="$2"; shift 2 ;;
+        --batch-size) BATCH_SIZE="$2"; shift 2 ;;
         --gpu) GPU="$2"; GPU_GIVEN=yes; shift 2 ;;
         --no-compare) COMPARE=0; shift ;;
         --zoo) ZOO=1; shift ;;
@@ -72,6 +75,7 @@ QUESTION_FILE="${QUESTION_FILE:-/root/nfs/code/HiMAP/data/scienceqa/himap-infere
 IMAGE_FOLDER="${IMAGE_FOLDER:-./data/scienceqa/images/test}"
 NUM_SAMPLES="${NUM_SAMPLES:-100}"
 OUTPUT_DIR="${OUTPUT_DIR:-.}"
+BATCH_SIZE="${BATCH_SIZE:-1}"
 COMPARE="${COMPARE:-1}"
 PYTHON="${PYTHON:-python}"
 ZOO="${ZOO:-0}"
@@ -150,7 +154,7 @@ else
     DATA_ARGS=(--question-file "${QUESTION_FILE}" --image-folder "${IMAGE_FOLDER}")
     echo "  questions ${SHOWN_QUESTIONS}; images ${SHOWN_IMAGES}; samples ${NUM_SAMPLES}"
 fi
-echo "  output ${OUTPUT_DIR}; ${GPU_NOTE}"
+echo "  output ${OUTPUT_DIR}; batch size ${BATCH_SIZE}; ${GPU_NOTE}"
 
 STEP="${STEP_NAME}"
 echo
@@ -163,6 +167,7 @@ echo "== step 1/2: ${STEP}"
     --baseline \
     ${NUM_SAMPLES_ARGS[@]+"${NUM_SAMPLES_ARGS[@]}"} \
     --output-dir "${OUTPUT_DIR}" \
+    --batch-size "${BATCH_SIZE}" \
     ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 
 for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do

@@ -231,6 +231,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, single_run: bool = Tru
                      "are never overwritten)")
     run.add_argument("--save-selection", action="store_true", help="store the kept image-token indices of every "
                      "sample in the JSONL")
+
+    def batch_size(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+        return value
+
+    run.add_argument("--batch-size", type=batch_size, default=1, metavar="N",
+                     help="questions per generate: 1 = one at a time (the per-question latency); N > 1 = left-padded "
+                     "batches of similar prompt length, the same predictions, more throughput on a GPU (latencies are "
+                     "then per batch)")
     run.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip", help="a bad sample (malformed "
                      "entry, missing/corrupt image): skip = record it as an error (counted wrong) and go on; "
                      "fail = stop")

@@ -173,7 +173,8 @@ def describe(args: argparse.Namespace, run_config: RunConfig, inputs: Inputs, sh
         f"  configuration: {run_config.label}; prompt {run_config.conv_mode}, single-pred-prompt "
         f"{run_config.single_pred_prompt}, images {run_config.image_aspect_ratio}; "
         + ("greedy" if run_config.temperature == 0 else f"temperature {run_config.temperature}")
-        + f", max {run_config.max_new_tokens} new tokens",
+        + f", max {run_config.max_new_tokens} new tokens"
+        + (f"; batches of {args.batch_size} questions" if args.batch_size > 1 else ""),
     ]
     pruning = describe_pruning(run_config, inputs.spec.num_layers, inputs.spec.num_image_tokens)
     if pruning is not None:
@@ -264,6 +265,7 @@ def _run_options(args: argparse.Namespace, inputs: Inputs, state, command: str) 
         output_dir=args.output_dir, image_folder=inputs.image_folder, overwrite=args.overwrite,
         on_error=args.on_error, save_selection=args.save_selection, num_chunks=num_chunks, chunk_idx=chunk_idx,
         num_samples=args.num_samples, answers_file=answers_file, command=command, progress=not args.no_progress,
+        batch_size=args.batch_size,
     )
 
 

@@ -241,7 +241,7 @@ def _prepare(args: argparse.Namespace, argv) -> Sweep | None:
         output_dir=Path(args.output_dir), image_folder=inputs.image_folder, overwrite=args.overwrite,
         on_error=args.on_error, save_selection=args.save_selection, num_samples=args.num_samples,
         command=command_line("fastv-sweep", argv), progress=not args.no_progress,
-        log=lambda line: print(line, flush=True),
+        log=lambda line: print(line, flush=True), batch_size=args.batch_size,
     )
     sweep = Sweep(
         run_configs, inputs.questions, expected_model_info(inputs.spec, args.model_base, inputs.device, inputs.dtype),
@@ -275,7 +275,8 @@ def describe_sweep(sweep: Sweep, inputs: Inputs) -> str:
         f"  prompt {template.conv_mode}, single-pred-prompt {template.single_pred_prompt}, images "
         f"{template.image_aspect_ratio}; "
         + ("greedy" if template.temperature == 0 else f"temperature {template.temperature}")
-        + f", max {template.max_new_tokens} new tokens",
+        + f", max {template.max_new_tokens} new tokens"
+        + (f"; batches of {sweep.options.batch_size} questions" if sweep.options.batch_size > 1 else ""),
         f"  {len(plans)} configurations, one model load, written to {sweep.output_dir}:",
     ]
     width = max(len(p.label) for p in plans)
