@@ -258,6 +258,7 @@ def normalised_result(path: Path) -> dict:
         result["latency"].pop(key)
     for key in ("questions_per_s", "prefill_tokens_per_s"):
         result["throughput"].pop(key)
+    result["environment"].pop("busy_cores")  # the machine's load when each run started
     return result
 
 
@@ -265,6 +266,7 @@ def normalised_samples(path: Path) -> tuple[dict, list[dict]]:
     header, records = read_jsonl(path)
     for key in ("created", "command"):
         header.pop(key)
+    header["environment"].pop("busy_cores")
     for record in records:
         for key in ("prefill_s", "generate_s", "peak_memory_bytes"):
             record.pop(key)
