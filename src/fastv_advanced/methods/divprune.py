@@ -26,7 +26,7 @@ class DivPrune(PruningMethod):
     name: ClassVar[str] = "divprune"
     display_name: ClassVar[str] = "DivPrune"
     budget_parameter: ClassVar[str] = "ratio"
-    presets: ClassVar[dict[str, dict]] = {str(n): {"ratio": n / 576} for n in (192, 128, 64)}
+    presets: ClassVar[dict[str, dict]] = {str(n): {"ratio": round(n / 576, 4)} for n in (192, 128, 64)}
 
     ratio: float = 0.098
 
