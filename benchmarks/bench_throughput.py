@@ -42,11 +42,11 @@ from fastv_advanced.embedded import resolve_embedded  # noqa: E402
 from fastv_advanced.evaluation import RunOptions, evaluate  # noqa: E402
 from fastv_advanced.model_loading import load_model, model_info_from  # noqa: E402
 from fastv_advanced.run_config import RunConfig  # noqa: E402
-from fastv_advanced.run_files import cpu_name, git_commit  # noqa: E402
+from fastv_advanced.run_files import busy_cores, cpu_name, git_commit  # noqa: E402
 from fastv_advanced.scienceqa import load_questions  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import busy_cores, load_average  # noqa: E402
+from measure import load_average  # noqa: E402
 from presets import PRESETS, build_model  # noqa: E402
 
 THROUGHPUT_PRESETS = ("scaled", "llava7b")  # 336 px / patch 14 = 576 image tokens, like LLaVA-1.5
