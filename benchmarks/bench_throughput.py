@@ -123,6 +123,34 @@ def _records(result) -> list[dict]:
     return [json.loads(line) for line in lines[1:]]
 
 
+def _measure_cells(args, model, processor, info, questions, image_folder, configs) -> dict:
+    """(configuration, batch size) -> one measurement per round, after a warm-up evaluation of each configuration."""
+    cells: dict[tuple[str, int], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run_config in configs.items():  # warm-up: lazy initialisation, allocator, first-call costs
+            evaluate(model, processor, questions.head(min(4, len(questions))), run_config,
+                     RunOptions(output_dir=Path(tmp) / "warmup", image_folder=image_folder, overwrite=True,
+                                progress=False, batch_size=min(4, max(args.batch_sizes)), log=lambda line: None),
+                     model_info=info)
+        for round_index in range(args.rounds):
+            for name, run_config in configs.items():
+                for batch_size in args.batch_sizes:
+                    cell = measure(model, processor, info, questions, image_folder, run_config, batch_size,
+                                   Path(tmp) / f"{round_index}-{batch_size}")
+                    cells.setdefault((name, batch_size), []).append(cell)
+                    print(f"  {name:<16} batch {batch_size:>3}: {cell['seconds']:7.2f} s, "
+                          f"{cell['questions_per_s']:6.2f} questions/s", flush=True)
+    return cells
+
+
+def _write(out: Path, stem: str, conditions: dict, rows, identical: dict, report: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"conditions": conditions, "rows": rows,
+                                                  "identical_predictions": identical}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(report + "\n")
+    print(f"\nwritten: {out / stem}.json and .md")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
@@ -146,22 +174,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, {len(questions)} questions, batch sizes {args.batch_sizes}; "
           f"busy cores before {busy_before}, load average {load_before}", flush=True)
 
-    cells: dict[tuple[str, int], list[dict]] = {}
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, run_config in configs.items():  # warm-up: lazy initialisation, allocator, first-call costs
-            evaluate(model, processor, questions.head(min(4, len(questions))), run_config,
-                     RunOptions(output_dir=Path(tmp) / "warmup", image_folder=image_folder, overwrite=True,
-                                progress=False, batch_size=min(4, max(args.batch_sizes)), log=lambda line: None),
-                     model_info=info)
-        for round_index in range(args.rounds):
-            for name, run_config in configs.items():
-                for batch_size in args.batch_sizes:
-                    cell = measure(model, processor, info, questions, image_folder, run_config, batch_size,
-                                   Path(tmp) / f"{round_index}-{batch_size}")
-                    cells.setdefault((name, batch_size), []).append(cell)
-                    print(f"  {name:<16} batch {batch_size:>3}: {cell['seconds']:7.2f} s, "
-                          f"{cell['questions_per_s']:6.2f} questions/s", flush=True)
+    cells = _measure_cells(args, model, processor, info, questions, image_folder, configs)
     busy_after, load_after = busy_cores(), load_average()
 
     rows = _table(cells, configs, args.batch_sizes)
@@ -180,13 +194,8 @@ def main(argv=None) -> int:
     }
     report = _markdown(rows, conditions, identical)
     print("\n" + report + "\n\nGPU command (full ScienceQA-IMG, LLaVA-1.5-7B):\n" + GPU_COMMAND)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_throughput_{args.preset}_{device.type}_{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    (out / f"{stem}.json").write_text(json.dumps({"conditions": conditions, "rows": rows,
-                                                  "identical_predictions": identical}, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(report + "\n")
-    print(f"\nwritten: {out / stem}.json and .md")
+    _write(Path(args.out), stem, conditions, rows, identical, report)
     return 0
 
 
