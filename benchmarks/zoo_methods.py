@@ -2,7 +2,7 @@
 rule that turns a preset written for LLaVA-1.5 (32 decoder layers, 576 image tokens) into settings for a model
 with L layers and n image tokens.
 
-Layer rule (`map_stage_layers`): a preset's schedule is read as its *stage layers*, the first decoder layer that
+Layer rule (the package's `PruningMethod.scaled_to` / `methods.base.scale_stage_layers`): a preset's schedule is read as its *stage layers*, the first decoder layer that
 sees each pruned sequence (FastV `agg_layer`, DART `layer`, PyramidDrop `layers`, SparseVLM `layers` + 1, since
 SparseVLM rates at layer l and prunes before l + 1). Each stage layer s of the 32-layer schedule becomes
 max(1, floor(s * L / 32 + 1/2)) (round half up, at least 1: layer 0 would prune before the language model, a
@@ -25,35 +25,17 @@ import dataclasses
 import math
 
 from fastv_advanced import build_method, get_method_class
+from fastv_advanced.methods.base import scale_stage_layers as map_stage_layers  # noqa: F401  (the rule, tested here)
 
 PAPER_LAYERS, PAPER_IMAGE_TOKENS = 32, 576
 ZOO_METHODS = ("fastv", "pdrop", "sparsevlm", "dart", "visionzip", "divprune", "uniform", "pool")
 
-# field -> offset from the field's value to the stage layer it sets (stage layer = value + offset)
-LAYER_FIELDS = {"fastv": ("agg_layer", 0), "dart": ("layer", 0), "pdrop": ("layers", 0), "sparsevlm": ("layers", 1)}
 COUNT_FIELDS = {"fastv": ("attention_rank",), "dart": ("max_num_truncation",), "visionzip": ("dominant", "contextual")}
 MIN_COUNT = {("visionzip", "dominant"): 1}
 LAYER_RULE = ("each stage layer s of a 32-layer preset (the first layer that sees the pruned sequence; SparseVLM: "
               "rating layer + 1) becomes max(1, round_half_up(s * L / 32)), then ascending and distinct (a layer not "
               "above the previous one moves to previous + 1), the last at most L - 1; kept-token counts as in the "
               "preset at 576 image tokens, else scaled by n / 576")
-
-
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
-def map_stage_layers(stage_layers, num_layers: int, paper_layers: int = PAPER_LAYERS) -> tuple[int, ...]:
-    """Stage layers of a `paper_layers`-layer schedule on a model of `num_layers` layers (see the module's rule)."""
-    mapped = []
-    for layer in stage_layers:
-        x = max(1, round_half_up(layer * num_layers / paper_layers))
-        mapped.append(max(x, mapped[-1] + 1) if mapped else x)
-    for i in range(len(mapped) - 1, -1, -1):  # pull down from the end so that the last fits below num_layers
-        mapped[i] = min(mapped[i], num_layers - 1 - (len(mapped) - 1 - i))
-    if not mapped or mapped[0] < 1:
-        raise ValueError(f"{len(mapped)} stages {list(stage_layers)} do not fit a model of {num_layers} layers")
-    return tuple(mapped)
 
 
 def map_counts(name: str, params: dict, num_image: int, paper_image: int = PAPER_IMAGE_TOKENS) -> dict:
@@ -64,23 +46,20 @@ def map_counts(name: str, params: dict, num_image: int, paper_image: int = PAPER
     out = dict(params)
     for field in COUNT_FIELDS.get(name, ()):
         if out.get(field) is not None:
-            out[field] = max(MIN_COUNT.get((name, field), 0), round_half_up(out[field] * scale))
+            out[field] = max(MIN_COUNT.get((name, field), 0), math.floor(out[field] * scale + 0.5))
     if name == "sparsevlm" and out.get("keep") is None:
         table = build_method("sparsevlm", out).keep_table()
-        out["keep"] = tuple(round_half_up(k * scale) for k in table)
+        out["keep"] = tuple(math.floor(k * scale + 0.5) for k in table)
     return out
 
 
-def map_layers(name: str, params: dict, num_layers: int, paper_layers: int = PAPER_LAYERS) -> dict:
-    """The preset's layer settings mapped to a model of `num_layers` layers (unchanged at 32)."""
-    if name not in LAYER_FIELDS:
+def map_layers(name: str, params: dict, num_layers: int) -> dict:
+    """The preset's layer settings at the same relative depth of a model of `num_layers` layers (the package's
+    `PruningMethod.scaled_to`; unchanged at 32)."""
+    if not get_method_class(name).layer_parameters:
         return dict(params)
-    field, offset = LAYER_FIELDS[name]
-    value = params.get(field, getattr(get_method_class(name)(), field))
-    layers = value if isinstance(value, (tuple, list)) else (value,)
-    stages = map_stage_layers([x + offset for x in layers], num_layers, paper_layers)
-    mapped = tuple(s - offset for s in stages)
-    return {**params, field: mapped if isinstance(value, (tuple, list)) else mapped[0]}
+    scaled = build_method(name, params).scaled_to(num_layers)
+    return {**params, **{field: getattr(scaled, field) for field in type(scaled).layer_parameters}}
 
 
 def preset_names(name: str) -> list[str]:

@@ -137,10 +137,11 @@ def test_budget_solving_meets_a_flops_target_for_every_method():
 def test_presets_move_to_the_same_relative_depth():
     pdrop = build_method("pdrop", {"layers": "2,8,16"})
     assert pdrop.scaled_to(32) is pdrop
-    assert pdrop.scaled_to(40).layers == (2, 10, 20)  # round(2*40/32)=2, round(8*40/32)=10, round(16*40/32)=20
-    assert pdrop.scaled_to(8).layers == (1, 2, 4)  # round(0.5)=0 -> at least 1; 2; 4
-    assert pdrop.scaled_to(4).layers == (1, 2, 3)  # 0, 1, 2 -> clamped to >= 1 and kept distinct
-    sparse = build_method("sparsevlm", {"budget": "64"})
-    assert sparse.scaled_to(4).layers == (0, 1, 2) and sparse.scaled_to(4).keep == (66, 30, 17)
+    assert pdrop.scaled_to(40).layers == (3, 10, 20)  # 2.5, 10, 20 rounded half up
+    assert pdrop.scaled_to(8).layers == (1, 2, 4)  # 0.5 -> 1; 2; 4
+    assert pdrop.scaled_to(4).layers == (1, 2, 3)  # 0.25 -> 1, 1 -> after 1: 2, 2 -> after 2: 3
+    sparse = build_method("sparsevlm", {"budget": "64"})  # rates at 2, 6, 15: stages 3, 7, 16
+    assert sparse.scaled_to(4).layers == (0, 1, 2) and sparse.scaled_to(4).keep_table() == (66, 30, 17)
+    assert sparse.scaled_to(8).layers == (0, 1, 3)  # stages 0.75 -> 1, 1.75 -> 2, 4 -> rating layers 0, 1, 3
     assert build_method("fastv").scaled_to(16).agg_layer == 1 and build_method("dart").scaled_to(64).layer == 4
     assert build_method("visionzip").scaled_to(4) == build_method("visionzip")

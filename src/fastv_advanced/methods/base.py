@@ -131,6 +131,22 @@ def check_range(name: str, value, low=None, high=None, integer: bool = False) ->
         raise ValueError(f"{name}={value!r} is outside the allowed range {bounds}")
 
 
+def scale_stage_layers(stage_layers, num_layers: int, reference_layers: int = 32) -> tuple[int, ...]:
+    """Stage layers of a `reference_layers`-layer schedule at the same relative depth of `num_layers` layers:
+    s -> max(1, round_half_up(s * num_layers / reference_layers)); a layer not above the previous one moves to the
+    previous + 1; then the list is pulled down from its end so that the last is at most num_layers - 1. ValueError
+    when the stages do not fit."""
+    mapped: list[int] = []
+    for layer in stage_layers:
+        x = max(1, math.floor(layer * num_layers / reference_layers + 0.5))
+        mapped.append(max(x, mapped[-1] + 1) if mapped else x)
+    for i in range(len(mapped) - 1, -1, -1):
+        mapped[i] = min(mapped[i], num_layers - 1 - (len(mapped) - 1 - i))
+    if not mapped or mapped[0] < 1:
+        raise ValueError(f"{len(mapped)} stages {list(stage_layers)} do not fit a model of {num_layers} layers")
+    return tuple(mapped)
+
+
 def _format_value(value) -> str:
     if isinstance(value, float):
         return repr(value)
@@ -157,8 +173,9 @@ class PruningMethod:
     budget_choices: the values the budget parameter can take, when it is not a number on a scale.
     table_order: where the method's rows go in comparisons (lower first; then by name).
     comparison_reference: other methods' rows are also tested against this method's row nearest in FLOPs.
-    layer_parameters: fields that are decoder-layer indices (an int or a tuple), with their allowed range as
-        (lowest, distance of the highest from the layer count): `scaled_to` maps them to another depth.
+    layer_parameters: fields that are decoder-layer indices (an int or a tuple) -> what to add to a value to get
+        the stage layer it sets (0, or 1 for a layer after which the stage prunes): `scaled_to` moves them to
+        another depth.
     reference_layers: the depth the presets were written for (LLaVA-1.5's 32 layers).
     """
 
@@ -169,7 +186,7 @@ class PruningMethod:
     presets: ClassVar[dict[str, dict]] = {}
     table_order: ClassVar[int] = 100
     comparison_reference: ClassVar[bool] = False
-    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {}
+    layer_parameters: ClassVar[dict[str, int]] = {}
     reference_layers: ClassVar[int] = 32
     budget_choices: ClassVar[tuple | None] = None
 
@@ -191,26 +208,18 @@ class PruningMethod:
 
     def scaled_to(self, num_layers: int) -> "PruningMethod":
         """This method with its layer parameters moved to the same relative depth in a decoder of `num_layers`
-        layers: layer l -> round(l * num_layers / reference_layers), clamped to the parameter's range, a list kept
-        distinct and ascending where the depth allows. Unchanged at the reference depth."""
+        layers (`scale_stage_layers` on the stage layers they set). Unchanged at the reference depth; ValueError
+        when the stages do not fit."""
         if num_layers == self.reference_layers or not self.layer_parameters:
             return self
         changes = {}
-        for name, (lowest, from_end) in self.layer_parameters.items():
+        for name, offset in self.layer_parameters.items():
             value = getattr(self, name)
-            highest = num_layers - from_end
-            mapped = [min(max(round(v * num_layers / self.reference_layers), lowest), highest)
-                      for v in (value if isinstance(value, tuple) else (value,))]
-            for i in range(1, len(mapped)):  # keep a list distinct where there is room
-                if mapped[i] <= mapped[i - 1] and mapped[i - 1] < highest:
-                    mapped[i] = mapped[i - 1] + 1
-            mapped = sorted(set(mapped))
-            changes[name] = tuple(mapped) if isinstance(value, tuple) else mapped[0]
-        return dataclasses.replace(self, **self._fit_scaled(changes))
-
-    def _fit_scaled(self, changes: dict) -> dict:
-        """Other parameters that must follow a change of the layer parameters (e.g. one value per layer)."""
-        return changes
+            layers = value if isinstance(value, tuple) else (value,)
+            stages = scale_stage_layers([x + offset for x in layers], num_layers, self.reference_layers)
+            mapped = tuple(s - offset for s in stages)
+            changes[name] = mapped if isinstance(value, tuple) else mapped[0]
+        return dataclasses.replace(self, **changes)
 
     # -- parameters, generic -----------------------------------------------------------------------------------
 

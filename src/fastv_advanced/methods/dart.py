@@ -30,7 +30,7 @@ class DART(PruningMethod):
     name: ClassVar[str] = "dart"
     display_name: ClassVar[str] = "DART"
     budget_parameter: ClassVar[str] = "max_num_truncation"
-    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {"layer": (1, 1)}
+    layer_parameters: ClassVar[dict[str, int]] = {"layer": 0}
     presets: ClassVar[dict[str, dict]] = {str(n): {"max_num_truncation": n} for n in (192, 128, 64)}
 
     layer: int = 2

@@ -45,7 +45,7 @@ class FastVConfig(PruningMethod):
     budget_parameter: ClassVar[str] = "attention_rank"
     table_order: ClassVar[int] = 0
     comparison_reference: ClassVar[bool] = True
-    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {"agg_layer": (1, 1)}
+    layer_parameters: ClassVar[dict[str, int]] = {"agg_layer": 0}
     not_in_results: ClassVar[tuple[str, ...]] = ("sys_length", "image_token_length")
     presets: ClassVar[dict[str, dict]] = {str(n): {"agg_layer": 2, "attention_rank": n} for n in (192, 128, 64)}
 

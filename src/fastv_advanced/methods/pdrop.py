@@ -28,7 +28,7 @@ class PyramidDrop(PruningMethod):
     name: ClassVar[str] = "pdrop"
     display_name: ClassVar[str] = "PyramidDrop"
     budget_parameter: ClassVar[str] = "ratio"
-    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {"layers": (1, 1)}
+    layer_parameters: ClassVar[dict[str, int]] = {"layers": 0}
     presets: ClassVar[dict[str, dict]] = {  # the authors' low-budget layers; lambda solved for the 32-layer mean
         "192": {"layers": (2, 8, 16), "ratio": 0.56}, "128": {"layers": (2, 8, 16), "ratio": 0.42},
         "64": {"layers": (2, 8, 16), "ratio": 0.19},

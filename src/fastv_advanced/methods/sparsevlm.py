@@ -39,7 +39,7 @@ class SparseVLM(PruningMethod):
     name: ClassVar[str] = "sparsevlm"
     display_name: ClassVar[str] = "SparseVLM"
     budget_parameter: ClassVar[str] = "budget"
-    layer_parameters: ClassVar[dict[str, tuple[int, int]]] = {"layers": (0, 2)}
+    layer_parameters: ClassVar[dict[str, int]] = {"layers": 1}  # it rates at layer l and prunes before l + 1
     presets: ClassVar[dict[str, dict]] = {str(n): {"budget": n} for n in (192, 128, 64)}
     budget_choices: ClassVar[tuple[int, ...]] = tuple(sorted(KEEP_TABLES))
 
@@ -61,11 +61,6 @@ class SparseVLM(PruningMethod):
             raise ValueError(f"keep has {len(self.keep_table())} entries for {len(self.layers)} layers {list(self.layers)}")
         if list(self.layers) != sorted(set(self.layers)) or not all(is_int(x) and x >= 0 for x in self.layers):
             raise ValueError(f"layers={list(self.layers)!r} is invalid: give distinct ascending layers >= 0")
-
-    def _fit_scaled(self, changes: dict) -> dict:
-        """Fewer distinct layers after scaling keep the table's last entries (the smallest budgets)."""
-        count = len(changes["layers"])
-        return {**changes, "keep": self.keep_table()[-count:]}
 
     def keep_table(self) -> tuple[int, ...]:
         return self.keep if self.keep is not None else KEEP_TABLES[self.budget]
