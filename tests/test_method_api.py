@@ -145,3 +145,20 @@ def test_presets_move_to_the_same_relative_depth():
     assert sparse.scaled_to(8).layers == (0, 1, 3)  # stages 0.75 -> 1, 1.75 -> 2, 4 -> rating layers 0, 1, 3
     assert build_method("fastv").scaled_to(16).agg_layer == 1 and build_method("dart").scaled_to(64).layer == 4
     assert build_method("visionzip").scaled_to(4) == build_method("visionzip")
+
+
+def test_a_method_without_stages_is_refused(tiny):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fastv_advanced import PruningMethod
+
+    @dataclass
+    class NoStages(PruningMethod):
+        name: ClassVar[str] = "no_stages"
+
+        def stages(self, num_layers):
+            return []
+
+    with pytest.raises(ValueError, match="no_stages: stages\\(\\) returned no stage"):
+        apply_pruning(tiny[0], NoStages())

@@ -182,6 +182,8 @@ class Pruner:
         _ACTIVE_PRUNERS[model] = self
 
     def _check_schedule(self) -> None:
+        if not self.stages:
+            raise ValueError(f"{self.method.name or type(self.method).__name__}: stages() returned no stage")
         previous = -1
         for stage in self.stages:
             if stage.layer <= previous:
