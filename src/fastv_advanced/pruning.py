@@ -59,13 +59,8 @@ class Selection:
     scores: torch.Tensor | None
     head_index: torch.Tensor | None
     kept_positions: torch.Tensor
-    layer: int = 0
-    candidate_image_indices: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.candidate_image_indices is None:  # a selection made by hand: every image token was a candidate
-            count = self.scores.shape[-1]
-            self.candidate_image_indices = torch.arange(count).expand(self.kept_image_indices.shape[0], -1)
+    layer: int
+    candidate_image_indices: torch.Tensor
 
     @property
     def num_image_tokens(self) -> int:
@@ -91,6 +86,7 @@ class _Prompt:
     is_image: BoolTensor[batch, S] of the original prompt; image_start: LongTensor[batch];
     image_positions: LongTensor[batch, n] in the current sequence; image_indices: LongTensor[batch, n] among the
     original image tokens; positions: LongTensor[batch, S_cur], original positions of the current tokens;
+    original_image_positions: LongTensor[batch, N], where the image tokens were in the original prompt;
     text_rows: the most tokens after the image block in a row; embeddings: the input embeddings, when a stage
     asked for them.
     """
@@ -102,6 +98,8 @@ class _Prompt:
     image_positions: torch.Tensor
     image_indices: torch.Tensor
     positions: torch.Tensor
+    original_image_positions: torch.Tensor
+    position_shift: int = 0  # tokens dropped so far by stages that renumber positions
     attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
     keys: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, S_cur, kv_heads * head_dim], RoPE'd
     embeddings: torch.Tensor | None = None
@@ -149,7 +147,8 @@ class Pruner:
         self._captured: dict = {}
         self._overrides: dict | None = None
         self._segments: dict[int, _Segment] = {}
-        self._mask_layout: torch.Tensor | None = None  # [batch, S0]: original positions in layer 0's cache
+        self._layer0_positions: torch.Tensor | None = None  # [batch, S0] original positions layer 0 cached, if pruned
+        self._prompt_length = 0  # prompt tokens in layer 0's cache
         self._decode_cache = None
         self._decoding = False
         self._cache_ref = None
@@ -341,14 +340,16 @@ class Pruner:
         self._check_image_span(starts, counts_list[0])
         num_image, seq_len = counts_list[0], input_ids.shape[1]
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
+        image_positions = ordered_positions(is_image, num_image)
         return _Prompt(
             is_image=is_image,
             num_image=num_image,
             text_rows=max(seq_len - start - num_image for start in padded_starts),
             image_start=image_start,
-            image_positions=ordered_positions(is_image, num_image),
+            image_positions=image_positions,
             image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
             positions=positions,
+            original_image_positions=image_positions,
         )
 
     def _on_forward_end(self, module, args, output):
@@ -370,9 +371,7 @@ class Pruner:
         prompt = self._prompt
         attention = keys = None
         if stage.attention_layer == stage.layer or stage.keys_layer == stage.layer:
-            own_attention, own_keys = self._own_attention(stage.layer, hidden, kwargs)
-            attention = own_attention if stage.attention_layer == stage.layer else None
-            keys = own_keys if stage.keys_layer == stage.layer else None
+            attention, keys = self._own_attention(stage, hidden, kwargs)
         if stage.attention_layer not in (None, stage.layer):
             attention = prompt.attention.pop(stage.attention_layer)
         if stage.keys_layer not in (None, stage.layer):
@@ -390,7 +389,7 @@ class Pruner:
             vision=self._take_vision() if stage.vision else None,
             query_is_text=self._query_is_text(hidden.shape[1]) if stage.attention_rows == "text" else None,
             embeddings=prompt.embeddings if stage.embeddings else None,
-            original_image_positions=ordered_positions(prompt.is_image, prompt.num_image) if stage.embeddings else None,
+            original_image_positions=prompt.original_image_positions if stage.embeddings else None,
         )
 
     def _query_is_text(self, seq_len: int) -> torch.Tensor:
@@ -405,15 +404,20 @@ class Pruner:
             raise RuntimeError(f"{self.method.name} reads the vision tower, which did not run for this prompt")
         return vision
 
-    def _own_attention(self, layer: int, hidden: torch.Tensor, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s last-position attention over the current image tokens [batch, heads, n] and its keys after
-        RoPE [batch, S, kv_heads * head_dim], from its input."""
-        layout = self.adapter.head_layout(layer)
-        query, keys = self.adapter.query_key_from_input(layer, hidden)
+    def _own_attention(self, stage: Stage, hidden: torch.Tensor, kwargs):
+        """The stage layer's own last-position attention over the current image tokens [batch, heads, n] and/or its
+        keys after RoPE [batch, S, kv_heads * head_dim] (None where the stage did not ask), from its input."""
+        layout = self.adapter.head_layout(stage.layer)
+        query, keys = self.adapter.query_key_from_input(stage.layer, hidden)
         cos, sin = kwargs["position_embeddings"]
-        probs = last_query_attention(query, keys, cos, sin, kwargs.get("attention_mask"), layout.head_dim,
-                                     layout.scaling)
-        return image_attention(probs, self._prompt.image_positions), rotated_keys(keys, cos, sin, layout.head_dim)
+        attention = rotated = None
+        if stage.attention_layer == stage.layer:
+            probs = last_query_attention(query, keys, cos, sin, kwargs.get("attention_mask"), layout.head_dim,
+                                         layout.scaling)
+            attention = image_attention(probs, self._prompt.image_positions)
+        if stage.keys_layer == stage.layer:
+            rotated = rotated_keys(keys, cos, sin, layout.head_dim)
+        return attention, rotated
 
     def _run_stage(self, stage_index: int, args, kwargs):
         stage, prompt = self.stages[stage_index], self._prompt
@@ -443,16 +447,12 @@ class Pruner:
         prompt.image_indices = candidates.gather(1, top)
         prompt.image_positions = new_index.gather(1, kept_image_positions)
         prompt.positions = prompt.positions.gather(1, kept)
-        previous = self._segments.get(self._previous_stage_layer(stage))
-        shift = previous.position_shift if previous is not None else 0
         if stage.compact_positions:
-            shift += candidates.shape[1] - top.shape[1]
-        if stage.layer == 0:  # the cache of layer 0, which sizes decode masks, holds the pruned prompt
-            self._mask_layout = prompt.positions
-        elif stage is self.stages[0]:
-            self._mask_layout = torch.arange(prompt.is_image.shape[1], device=kept.device).expand(kept.shape[0], -1)
-        key_index = None if stage.layer == 0 else torch.searchsorted(self._mask_layout.contiguous(), prompt.positions)
-        self._segments[stage.layer] = _Segment(key_index, shift)
+            prompt.position_shift += candidates.shape[1] - top.shape[1]
+        if stage is self.stages[0]:  # decode masks are laid out as layer 0's cache: the full or the pruned prompt
+            self._layer0_positions = prompt.positions if stage.layer == 0 else None
+            self._prompt_length = prompt.positions.shape[1] if stage.layer == 0 else prompt.is_image.shape[1]
+        self._segments[stage.layer] = _Segment(self._key_index(stage, prompt.positions), prompt.position_shift)
         self._decode_cache = self._cache_ref
         selection = Selection(
             kept_image_indices=prompt.image_indices, image_start=prompt.image_start, scores=choice.scores,
@@ -461,9 +461,15 @@ class Pruner:
         )
         self.selections = ([] if stage is self.stages[0] else self.selections) + [selection]
 
-    def _previous_stage_layer(self, stage: Stage) -> int | None:
-        index = self.stages.index(stage)
-        return self.stages[index - 1].layer if index else None
+    def _key_index(self, stage: Stage, positions: torch.Tensor) -> torch.Tensor | None:
+        """Where the prompt tokens a segment caches sit among the key columns of decode masks: their original
+        positions when layer 0 caches the whole prompt; found among layer 0's kept positions otherwise (None for the
+        segment that starts at layer 0: the same columns)."""
+        if stage.layer == 0:
+            return None
+        if self._layer0_positions is None:
+            return positions
+        return torch.searchsorted(self._layer0_positions.contiguous(), positions)
 
     # -- decode steps on the pruned cache ---------------------------------------------------------------------------
 
@@ -478,7 +484,7 @@ class Pruner:
         mask = kwargs.get("attention_mask")
         if mask is not None and segment.key_index is not None:
             kept = segment.key_index  # [batch, S_i]
-            generated = torch.arange(self._mask_layout.shape[1], mask.shape[-1], device=kept.device)
+            generated = torch.arange(self._prompt_length, mask.shape[-1], device=kept.device)
             keys = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
             overrides["attention_mask"] = gather_mask(mask, None, keys)
         if segment.position_shift and kwargs.get("position_ids") is not None:
