@@ -11,7 +11,7 @@ wrappers never touch a timed prefill): `StageTimer` wraps, for the duration of o
 
 - `capture`: what the pruner computes for a stage in the hooks of an earlier layer or of the vision tower —
   `last_query_attention` / `query_rows_attention` + `image_attention` (the attention rows FastV, SparseVLM read),
-  `rotated_keys` (DART's keys), `vision_features` (VisionZip's [CLS] row and keys);
+  `rotated_keys` (DART's keys), the adapter's `vision_features` (VisionZip's [CLS] row and keys);
 - `stage`: everything at a stage layer (`Pruner._run_stage`), split into `inputs` (`Pruner._stage_inputs`: the
   stage layer's own attention for PyramidDrop — its q/k projections, RoPE and one softmax row — and the hand-over of
   what was captured), `choose` (the method's `choose`), `select_drop` (`fastv_advanced.pruning.kept_image_tokens`,
@@ -40,8 +40,7 @@ from report import _sample_columns, _speedup_columns, fmt, median, run_condition
 from timing import Bench, paired_speedups
 from zoo_methods import changed_settings, zoo_grid, zoo_method, zoo_params
 
-CAPTURE_FUNCTIONS = ("last_query_attention", "query_rows_attention", "image_attention", "rotated_keys",
-                     "vision_features")
+CAPTURE_FUNCTIONS = ("last_query_attention", "query_rows_attention", "image_attention", "rotated_keys")
 SELECT_FUNCTIONS = ("kept_image_tokens", "drop_tokens")
 CATEGORIES = ("capture", "stage", "inputs", "choose", "select_drop", "image_lookup")
 TOP_LEVEL = ("capture", "stage", "image_lookup")
@@ -86,6 +85,7 @@ class StageTimer:
         pruner._stage_inputs = self._wrap(pruner._stage_inputs, "inputs")
         pruner._find_image_tokens = self._wrap(pruner._find_image_tokens, "image_lookup")
         pruner.method.choose = self._wrap(pruner.method.choose, "choose")
+        pruner.adapter.vision_features = self._wrap(pruner.adapter.vision_features, "capture")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -94,6 +94,7 @@ class StageTimer:
         for name in ("_run_stage", "_stage_inputs", "_find_image_tokens"):
             self.pruner.__dict__.pop(name, None)
         self.pruner.method.__dict__.pop("choose", None)
+        self.pruner.adapter.__dict__.pop("vision_features", None)
 
 
 def _now() -> float:

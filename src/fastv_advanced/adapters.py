@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .methods.base import VisionFeatures
 from .selection import apply_rope
 
 
@@ -92,6 +93,19 @@ class LlavaAdapter:
         tower = self.vlm.vision_tower
         layers = getattr(tower, "vision_model", tower).encoder.layers
         return layers[feature_layer if feature_layer < 0 else feature_layer - 1]
+
+    def vision_features(self, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
+        """The select layer's [CLS] attention row and head-mean keys, from its input [batch, T, width] (CLIP: a
+        pre-norm `layer_norm1`, `self_attn.q_proj/k_proj`, [CLS] first), with its output [batch, T, width]."""
+        layer = self.vision_select_layer()
+        attention = layer.self_attn
+        batch, tokens, width = inputs.shape
+        heads, head_dim = attention.num_heads, attention.head_dim
+        normed = layer.layer_norm1(inputs)
+        query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [batch, heads, 1, d]
+        keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # [batch, heads, T, d]
+        logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scale  # [batch, heads, T]
+        return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=outputs)
 
     def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
         """The projector: vision features [batch, T, width] -> language-model inputs [batch, T, hidden]."""

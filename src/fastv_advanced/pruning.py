@@ -31,7 +31,7 @@ from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
 from .methods.base import VisionFeatures
 from .selection import drop_tokens, gather_mask, image_attention, kept_image_tokens, last_query_attention
-from .selection import ordered_positions, query_rows_attention, rotated_keys, vision_features
+from .selection import ordered_positions, query_rows_attention, rotated_keys
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -254,7 +254,7 @@ class Pruner:
 
         def outputs(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            self._vision = vision_features(layer, captured.pop("input"), hidden)
+            self._vision = self.adapter.vision_features(captured.pop("input"), hidden)
 
         self._handles += [layer.register_forward_pre_hook(inputs, with_kwargs=True), layer.register_forward_hook(outputs)]
 

@@ -1,5 +1,5 @@
 """The selection path shared by every pruning method and by the benchmark: the attention rows a stage reads, the
-top-k of a method's choice, the drop's gathers, the vision tower's [CLS] row.
+top-k of a method's choice, the drop's gathers.
 
 Pure tensor functions, no hooks and no host syncs; the pruner (`fastv_advanced.pruning`) calls them at each stage.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .methods.base import Choice, PruningMethod, VisionFeatures
+from .methods.base import Choice, PruningMethod
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,16 +203,3 @@ def drop_tokens(hidden: torch.Tensor, layer_inputs: dict, image_positions: torch
             cos, sin = layer_inputs["position_embeddings"]
             gathered["position_embeddings"] = (gather_rows(cos, kept, 1), gather_rows(sin, kept, 1))
     return hidden, gathered, kept, keep
-
-
-def vision_features(layer: torch.nn.Module, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
-    """The [CLS] attention row and head-mean keys of a CLIP-style encoder layer from its input [batch, T, width],
-    with its output [batch, T, width]."""
-    attention = layer.self_attn
-    batch, tokens, width = inputs.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    normed = layer.layer_norm1(inputs)
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [batch, heads, 1, d]
-    keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # [batch, heads, T, d]
-    logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scale  # [batch, heads, T]
-    return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=outputs)
