@@ -37,18 +37,7 @@ def last_query_attention(
     attention_mask: None (causal, no padding), a 4D mask [batch or 1, 1 or heads, S, S] (bool: True = attend;
     float: additive) or a 2D padding mask [batch, S] (1 = token). Only the last row of the mask is read.
     """
-    batch, seq_len, _ = keys.shape
-    num_heads = query.shape[-1] // head_dim
-    num_kv_heads = keys.shape[-1] // head_dim
-    group = num_heads // num_kv_heads
-    q = apply_rope(query.view(batch, 1, num_heads, head_dim).transpose(1, 2), cos[:, -1:], sin[:, -1:])
-    k = apply_rope(keys.view(batch, seq_len, num_kv_heads, head_dim).transpose(1, 2), cos, sin)
-    # Query head h reads kv head h // group, as repeat_kv does.
-    logits = torch.einsum("bkgd,bksd->bkgs", q.view(batch, num_kv_heads, group, head_dim).float(), k.float())
-    logits = logits.reshape(batch, num_heads, seq_len) * scaling
-    if attention_mask is not None:
-        logits = _apply_mask(logits, _mask_rows(attention_mask, 1, seq_len)[:, :, 0])
-    return logits.softmax(dim=-1)
+    return query_rows_attention(query, keys, cos, sin, attention_mask, head_dim, scaling)[:, :, 0]
 
 
 def _mask_rows(attention_mask: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
