@@ -135,11 +135,17 @@ def build_inputs(
     """(prompt, model inputs) for one question: `input_ids` [1, S], `attention_mask` [1, S] and, with an image,
     `pixel_values` [1, 3, H, W]."""
     prompt, ids = prompt_token_ids(question, image is not None, processor, model_config, single_pred_prompt, conv_mode)
+    return prompt, model_inputs(ids, image, processor, image_aspect_ratio)
+
+
+def model_inputs(ids: list[int], image: Image.Image | None, processor, image_aspect_ratio: str = "pad") -> dict:
+    """A tokenized prompt (`prompt_token_ids`) and its image as model inputs: `input_ids` [1, S], `attention_mask`
+    [1, S] and, with an image, `pixel_values` [1, 3, H, W]."""
     input_ids = torch.tensor([ids], dtype=torch.long)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if image is not None:
         inputs["pixel_values"] = preprocess_image(image, processor.image_processor, image_aspect_ratio)
-    return prompt, inputs
+    return inputs
 
 
 def prompt_token_ids(

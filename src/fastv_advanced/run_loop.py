@@ -21,7 +21,7 @@ import torch
 
 from .answers import FAILED, is_correct, parse_answer
 from .flops import DecoderShape, schedule_flops
-from .prompting import batch_inputs, build_inputs, pad_token_id_of, prompt_token_ids
+from .prompting import batch_inputs, build_inputs, model_inputs, pad_token_id_of, prompt_token_ids
 from .run_config import RunConfig
 from .run_files import SampleJournal
 from .scienceqa import Question, SampleError, load_image
@@ -165,11 +165,8 @@ def run_batch(ctx: SampleContext, batch: list[PlannedQuestion], images: list, wa
     only, so for such a method only a batch of one matches `run_sample` (`run_questions` then goes one at a time).
     """
     config = ctx.run_config
-    rows = []
-    for item, image in zip(batch, images):
-        _, inputs = build_inputs(item.question.text, image, ctx.processor, ctx.model.config,
-                                 config.single_pred_prompt, config.conv_mode, config.image_aspect_ratio)
-        rows.append(inputs)
+    rows = [model_inputs(item.ids, image, ctx.processor, config.image_aspect_ratio)  # tokenized when planned
+            for item, image in zip(batch, images)]
     inputs, pads = batch_inputs(rows, pad_token_id_of(ctx.processor.tokenizer))
     inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
