@@ -165,12 +165,13 @@ def _grid_run_configs(args: argparse.Namespace) -> list[RunConfig]:
     if not any(uses_alpha(rule) for rule in rules) and args.alphas != [DEFAULT_ALPHA]:
         print("note: --alphas applies to weighted_combination only, which is not in --methods: ignored",
               file=sys.stderr)
+    spec = _model_spec(args) if args.pruning_preset or args.flops_target else None
     grid = SweepGrid(tuple(rules), tuple(args.alphas), tuple(args.ranks), tuple(args.agg_layers), args.baseline,
-                     method_grids(args))
+                     method_grids(args, spec))
     template = run_config_with(args, None)
     try:
         run_configs = expand_grid(grid, template, sys_length=args.fast_v_sys_length,
-                                  image_token_length=args.fast_v_image_token_length, cost=_cost(args))
+                                  image_token_length=args.fast_v_image_token_length, cost=_cost(args, spec))
     except ValueError as exc:
         raise flag_error(exc, GRID_FLAGS) from exc
     if not run_configs:
@@ -178,7 +179,7 @@ def _grid_run_configs(args: argparse.Namespace) -> list[RunConfig]:
     return run_configs
 
 
-def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
+def method_grids(args: argparse.Namespace, spec=None) -> tuple[MethodGrid, ...]:
     """One grid per `--pruning-method`: each gets the `--pruning-param`s it has (a parameter no listed method has
     is an error), the `--pruning-preset`s and the `--flops-target`s."""
     if not args.pruning_method:
@@ -186,6 +187,7 @@ def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
             raise UsageError("--pruning-param, --pruning-preset and --flops-target need --pruning-method")
         return ()
     params = parse_pruning_params(args.pruning_param, grid=True)
+    layers = _preset_layers(spec) if args.pruning_preset else None
     grids, used = [], set()
     for name in args.pruning_method:
         try:
@@ -195,7 +197,7 @@ def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
         own = tuple((key, values) for key, values in params if key in fields)
         used |= {key for key, _ in own}
         grids.append(MethodGrid(name, own, tuple(args.pruning_preset or ()), tuple(args.flops_target),
-                                _model_layers(args) if args.pruning_preset else None))
+                                layers))
     unknown = [key for key, _ in params if key not in used]
     if unknown:
         raise UsageError(f"--pruning-param {', '.join(unknown)}: no method of --pruning-method "
@@ -203,30 +205,28 @@ def method_grids(args: argparse.Namespace) -> tuple[MethodGrid, ...]:
     return tuple(grids)
 
 
-def _model_layers(args: argparse.Namespace) -> int | None:
-    """The model's decoder layers, which presets are scaled to (None when the model path cannot be read: that is
-    reported on its own); a note when they are not the presets' 32."""
+def _model_spec(args: argparse.Namespace):
+    """The model's `ModelSpec` for presets and FLOPs targets (None when the model path cannot be read: that is
+    reported on its own by the input checks)."""
     try:
-        layers = model_loading.inspect_model_path(args.model_path).num_layers
+        return model_loading.inspect_model_path(args.model_path)
     except ValueError:
         return None
-    if layers is not None and layers != 32 and not getattr(args, "_noted_scaling", False):
-        args._noted_scaling = True
+
+
+def _preset_layers(spec) -> int | None:
+    """The decoder layers presets are moved to, with a note when they are not the presets' 32."""
+    layers = spec.num_layers if spec is not None else None
+    if layers is not None and layers != 32:
         print(f"note: presets are written for 32 decoder layers; their layers are moved to the same relative depth "
               f"of this model's {layers}", file=sys.stderr)
     return layers
 
 
-def _cost(args: argparse.Namespace) -> Cost | None:
+def _cost(args: argparse.Namespace, spec) -> Cost | None:
     """The shape FLOPs targets are solved for: the model's decoder and a prompt of its image tokens + 100 text
-    tokens (None without targets, or when the model path cannot be read: that is reported on its own)."""
-    if not args.flops_target:
-        return None
-    try:
-        spec = model_loading.inspect_model_path(args.model_path)
-    except ValueError:
-        return None
-    if spec.decoder_shape is None or spec.num_image_tokens is None:
+    tokens (None without targets or without a readable model)."""
+    if not args.flops_target or spec is None or spec.decoder_shape is None or spec.num_image_tokens is None:
         return None
     return Cost(spec.decoder_shape, spec.num_image_tokens + 100, spec.num_image_tokens)
 
