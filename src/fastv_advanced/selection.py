@@ -6,9 +6,12 @@ Pure tensor functions, no hooks and no host syncs; the pruner (`fastv_advanced.p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .methods.base import Choice, PruningMethod
+if TYPE_CHECKING:  # the methods use this module; it needs their types for annotations only
+    from .methods.base import Choice, PruningMethod
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

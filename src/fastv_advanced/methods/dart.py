@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..selection import gather_rows
 from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range
 
@@ -70,12 +71,12 @@ class DART(PruningMethod):
         text_pivots = key_norm.masked_fill(~after_image, float("-inf")).topk(self.pivot_text_tokens, dim=-1).indices
         pivots = torch.cat([image.gather(1, image_pivots), text_pivots], dim=1).sort(dim=-1).values  # positions
         z = torch.nn.functional.normalize(inputs.adapter.final_norm(inputs.hidden_states).float(), dim=-1)
-        image_z = z.gather(1, image[..., None].expand(-1, -1, z.shape[-1]))  # [batch, n, hidden]
+        image_z = gather_rows(z, image, 1)  # [batch, n, hidden]
         available = torch.ones_like(image, dtype=torch.bool).scatter(1, image_pivots, False)
         chosen = [image_pivots]
         per_pivot = self.max_num_truncation // pivots.shape[1]
         for p in range(pivots.shape[1]):
-            pivot_z = z.gather(1, pivots[:, p, None, None].expand(-1, 1, z.shape[-1]))  # [batch, 1, hidden]
+            pivot_z = gather_rows(z, pivots[:, p, None], 1)  # [batch, 1, hidden]
             similarity = (image_z * pivot_z).sum(-1).masked_fill(~available, float("inf"))  # [batch, n]
             least = similarity.topk(per_pivot, dim=-1, largest=False).indices
             available.scatter_(1, least, False)

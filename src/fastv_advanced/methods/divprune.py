@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..selection import gather_rows
 from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range
 
@@ -43,7 +44,7 @@ class DivPrune(PruningMethod):
         n = inputs.num_image_tokens
         count = round(self.ratio * n)
         hidden = inputs.hidden_states
-        image = hidden.gather(1, inputs.image_positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        image = gather_rows(hidden, inputs.image_positions, 1)  # [batch, n, hidden]
         unit = torch.nn.functional.normalize(image.float(), dim=-1)
         distance = 1.0 - unit @ unit.transpose(1, 2)  # [batch, n, n]
         batch = torch.arange(hidden.shape[0], device=hidden.device)

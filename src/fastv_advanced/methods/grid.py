@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ..selection import gather_rows
 from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range
 
@@ -81,7 +82,7 @@ class AveragePool(PruningMethod):
     def choose(self, stage_index: int, inputs: StageInputs) -> Choice:
         side = grid_side(inputs.num_image_tokens)
         hidden = inputs.hidden_states
-        image = hidden.gather(1, inputs.image_positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        image = gather_rows(hidden, inputs.image_positions, 1)  # [batch, n, hidden]
         grid = image.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[-1], side, side)
         pooled = torch.nn.functional.avg_pool2d(grid, self.size)  # [batch, hidden, g', g']
         pooled = pooled.flatten(2).transpose(1, 2)  # [batch, g'^2, hidden], row-major

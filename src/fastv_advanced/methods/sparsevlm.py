@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from ..selection import gather_rows
 from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range, is_int
 
@@ -96,7 +97,7 @@ class SparseVLM(PruningMethod):
             return self._raters[1]
         embeddings = inputs.embeddings.float()
         rows = inputs.query_is_text.shape[1]
-        image = embeddings.gather(1, inputs.original_image_positions[..., None].expand(-1, -1, embeddings.shape[-1]))
+        image = gather_rows(embeddings, inputs.original_image_positions, 1)  # [batch, N, hidden]
         text = embeddings[:, -rows:]  # [batch, Q, hidden]
         is_text = inputs.query_is_text  # the text after the image never leaves the sequence
         logits = (image @ text.transpose(1, 2)).masked_fill(~is_text[:, None, :], float("-inf"))  # [batch, N, Q]
@@ -113,11 +114,10 @@ class SparseVLM(PruningMethod):
         deleted = n - num_kept
         recycled = order[:, num_kept : num_kept + recycled_count(deleted)]  # [batch, m], best first
         hidden = inputs.hidden_states
-        width = hidden.shape[-1]
-        image = hidden.gather(1, inputs.image_positions[..., None].expand(-1, -1, width))  # [batch, n, hidden]
-        kept_hidden = image.gather(1, kept[..., None].expand(-1, -1, width))
-        points = image.gather(1, recycled[..., None].expand(-1, -1, width))  # [batch, m, hidden]
-        merged = dpc_knn_means(points, recycled.shape[1] // 10 + 1, inputs.generator)
+        image = gather_rows(hidden, inputs.image_positions, 1)  # [batch, n, hidden]
+        kept_hidden = gather_rows(image, kept, 1)
+        points = gather_rows(image, recycled, 1)  # [batch, m, hidden]
+        merged = dpc_knn_means(points, recycled_clusters(deleted), inputs.generator)
         replacement = torch.cat([kept_hidden, merged.to(hidden.dtype)], dim=1)
         slots = torch.arange(replacement.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         return Choice(kept=slots, replacement=replacement, scores=scores)

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..selection import gather_rows, ordered_positions
 from . import register_method
 from .base import Choice, PruningMethod, Stage, StageInputs, check_range
 
@@ -57,7 +58,7 @@ class VisionZip(PruningMethod):
         patch_scores = vision.cls_attention.sum(dim=1)[:, 1:]  # [batch, T - 1]
         top = patch_scores.topk(self.dominant - 1, dim=-1).indices.sort(dim=-1).values + 1
         dominant = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)  # [batch, D], [CLS] first
-        features = [vision.hidden_states.gather(1, dominant[..., None].expand(-1, -1, width))]
+        features = [gather_rows(vision.hidden_states, dominant, 1)]
         if self.contextual:
             features.append(self._contextual(vision, dominant))
         merged = torch.cat(features, dim=1)  # [batch, D + C, width]
@@ -70,12 +71,10 @@ class VisionZip(PruningMethod):
         """[batch, C, width]: targets' outputs plus the mean output of the tokens assigned to them."""
         batch, tokens, width = vision.hidden_states.shape
         rest_mask = torch.ones(batch, tokens, dtype=torch.bool, device=dominant.device).scatter(1, dominant, False)
-        order = torch.arange(tokens, device=dominant.device).expand(batch, -1)
         remaining = tokens - dominant.shape[1]
-        rest = torch.where(rest_mask, order, order + tokens).sort(dim=-1).values[:, :remaining]  # [batch, R]
-        keys = torch.nn.functional.normalize(vision.keys.float().gather(1, rest[..., None].expand(-1, -1,
-                                                                        vision.keys.shape[-1])), dim=-1)
-        hidden = vision.hidden_states.gather(1, rest[..., None].expand(-1, -1, width))  # [batch, R, width]
+        rest = ordered_positions(rest_mask, remaining)  # [batch, R], in order
+        keys = torch.nn.functional.normalize(gather_rows(vision.keys.float(), rest, 1), dim=-1)
+        hidden = gather_rows(vision.hidden_states, rest, 1)  # [batch, R, width]
         step = max(1, remaining // self.contextual)
         target_list = list(range(0, remaining, step))[: self.contextual]
         member_list = sorted(set(range(remaining)) - set(target_list))
