@@ -74,12 +74,12 @@ class Run:
     data: dict
     samples: dict[str, dict] | None = None
 
-    @property
+    @cached_property
     def correct(self) -> dict[str, bool] | None:
         """Question id -> answered correctly."""
         return None if self.samples is None else {qid: bool(r.get("correct")) for qid, r in self.samples.items()}
 
-    @property
+    @cached_property
     def prefill_times(self) -> list[float] | None:
         """Per-sample prefill seconds of the timed samples (the warm-up sample excluded)."""
         if self.samples is None:
