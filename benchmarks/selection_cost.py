@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from fastv_advanced import FastVConfig, StageInputs
-from fastv_advanced.selection import drop_tokens, kept_image_tokens
+from fastv_advanced.selection import drop_tokens, gather_layer_inputs, kept_image_tokens
 from fastv_advanced.selection import image_attention, kept_sequence, last_query_attention, ordered_positions
 from measure import MemoryProbe, Stopwatch
 from modes import Config, mode_context
@@ -49,7 +49,8 @@ def selection_inputs(model, inputs: dict, k: int) -> dict:
 # -- the selection path ---------------------------------------------------------------------------------------------
 # Everything this benchmark times or measures of the selection runs through `selection_step`, which calls what the
 # pruner calls at a stage (`fastv_advanced.pruning`): the one-row attention, the method's `choose`,
-# `kept_image_tokens` (the top-R) and `drop_tokens` (kept positions and every gather), with no host sync.
+# `kept_image_tokens` (the top-R), `drop_tokens` (kept positions, hidden states) and `gather_layer_inputs` (mask,
+# positions, cos/sin), with no host sync.
 
 
 def selection_step(c: dict, fastv: FastVConfig, generator, with_gathers: bool = False) -> torch.Tensor:
@@ -68,7 +69,11 @@ def selection_step(c: dict, fastv: FastVConfig, generator, with_gathers: bool = 
     if not with_gathers:
         return kept_sequence(positions, top, c["hidden"].shape[1])[0]
     layer_inputs = {"attention_mask": c["mask"], "position_ids": c.get("position_ids"), "position_embeddings": c["rope"]}
-    return drop_tokens(c["hidden"], layer_inputs, positions, top, compact=False, adapter=None)[2]
+    _, kept, _ = drop_tokens(c["hidden"], positions, top)
+    for name, value in layer_inputs.items():
+        if value is not None:
+            gather_layer_inputs(name, value, kept, None, None, None)
+    return kept
 
 
 # -- measurements --------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ wrappers never touch a timed prefill): `StageTimer` wraps, for the duration of o
 - `stage`: everything at a stage layer (`Pruner._run_stage`), split into `inputs` (`Pruner._stage_inputs`: the
   stage layer's own attention for PyramidDrop — its q/k projections, RoPE and one softmax row — and the hand-over of
   what was captured), `choose` (the method's `choose`), `select_drop` (`fastv_advanced.pruning.kept_image_tokens`,
-  the top-R, and `drop_tokens`, the gathers of hidden states, mask, positions and cos/sin) and the rest (the
-  pruner's bookkeeping and the scatter of merged tokens).
+  the top-R, `drop_tokens`, the gather of hidden states, and `gather_layer_inputs`, the gathers of mask, positions
+  and cos/sin) and the rest (the pruner's bookkeeping and the scatter of merged tokens).
 
 "selection" = `choose` + `select_drop` (what issue 12 asks to stay small); "stage work" = `capture` + `stage`,
 everything pruning adds to a prefill except the per-prefill lookup of the image tokens (`image_lookup`, reported
@@ -41,7 +41,7 @@ from timing import Bench, paired_speedups
 from zoo_methods import changed_settings, zoo_grid, zoo_method, zoo_params
 
 CAPTURE_FUNCTIONS = ("last_query_attention", "query_rows_attention", "image_attention", "rotated_keys")
-SELECT_FUNCTIONS = ("kept_image_tokens", "drop_tokens")
+SELECT_FUNCTIONS = ("kept_image_tokens", "drop_tokens", "gather_layer_inputs")
 CATEGORIES = ("capture", "stage", "inputs", "choose", "select_drop", "image_lookup")
 TOP_LEVEL = ("capture", "stage", "image_lookup")
 SHARE_WARNING = 0.02  # issue 5's bound for FastV's selection; above it a method's row is called out
@@ -267,8 +267,8 @@ def _zoo_stage_table(rows: list[dict]) -> list[str]:
         "",
         "capture: attention rows / keys / vision features computed in earlier layers' hooks; inputs: the stage "
         "layer's own attention (PyramidDrop) and the hand-over; choose: the method; top-R + drop: the pruner's "
-        "`kept_image_tokens` and `drop_tokens`; other: bookkeeping and the scatter of merged tokens; image lookup: "
-        "finding the image tokens once per prefill (not counted as stage work).",
+        "`kept_image_tokens`, `drop_tokens` and `gather_layer_inputs`; other: bookkeeping and the scatter of "
+        "merged tokens; image lookup: finding the image tokens once per prefill (not counted as stage work).",
         "",
         "| method | preset | planned image tokens after each stage (layer: kept) | capture | inputs | choose "
         "| top-R + drop | other | stage work | image lookup | instrumented prefill ms |",

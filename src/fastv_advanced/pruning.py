@@ -8,13 +8,16 @@ A method (`fastv_advanced.methods`) gives a schedule of stages; the model's fami
   the attention probabilities of the last prompt position are computed from them (one query row,
   O(heads x sequence) memory), whatever attention implementation runs;
 - every decoder layer from the first stage on. At a stage's layer, in prefill, the method chooses among the image
-  tokens still present; the hidden states, RoPE cos/sin, position ids and any materialised mask are gathered to
-  the kept tokens (a physical drop) and handed to the following layers. Compacted positions are recomputed.
+  tokens still present and the hidden states are gathered to the kept tokens (a physical drop). Every layer from
+  there on gets its own RoPE cos/sin, position ids and any materialised mask, as the model built them for the whole
+  prompt, gathered to the tokens still present (layers that share a tensor share the gather; Gemma 3's sliding and
+  full layers each have theirs). Compacted positions are recomputed.
 
 The KV cache of the layers between two stages holds exactly the tokens those layers saw. In decode steps each such
-segment has a materialised mask's key columns gathered to its kept prompt positions plus the generated ones, and,
-where positions were compacted, its position ids shifted down by the tokens dropped before it. No host sync happens
-in decode steps. `remove()` takes every hook away.
+segment has a materialised mask's key columns gathered to its kept prompt positions plus the generated ones (the
+model lays the columns out as one layer's cache, found by the mask's width), and, where positions were compacted,
+its position ids shifted down by the tokens dropped before it. No host sync happens in decode steps. `remove()`
+takes every hook away.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from packaging.version import Version
 from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
 from .methods.base import VisionFeatures
-from .selection import drop_tokens, gather_mask, image_attention, kept_image_tokens, last_query_attention
-from .selection import ordered_positions, query_rows_attention, rotated_keys
+from .selection import drop_tokens, gather_layer_inputs, gather_mask, image_attention, image_numbers
+from .selection import kept_image_tokens, last_query_attention, ordered_positions, query_rows_attention, rotated_keys
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -52,6 +55,8 @@ class Selection:
         (all non-image tokens and the kept image tokens, ascending).
     layer: the decoder layer before which this stage pruned.
     candidate_image_indices: LongTensor[batch, n], the original image indices the scores belong to.
+    kept_image_numbers: LongTensor[batch, R], which image of the prompt (0-based, in prompt order; one image = one
+        run of consecutive image tokens) each kept image token came from.
     """
 
     kept_image_indices: torch.Tensor
@@ -61,6 +66,7 @@ class Selection:
     kept_positions: torch.Tensor
     layer: int
     candidate_image_indices: torch.Tensor
+    kept_image_numbers: torch.Tensor
 
     @property
     def num_image_tokens(self) -> int:
@@ -87,8 +93,11 @@ class _Prompt:
     image_positions: LongTensor[batch, n] in the current sequence; image_indices: LongTensor[batch, n] among the
     original image tokens; positions: LongTensor[batch, S_cur], original positions of the current tokens;
     original_image_positions: LongTensor[batch, N], where the image tokens were in the original prompt;
+    image_numbers: LongTensor[batch, N], which image each original image token belongs to;
     text_rows: the most tokens after the image block in a row; embeddings: the input embeddings, when a stage
-    asked for them.
+    asked for them; position_offsets: LongTensor[batch, S_cur], how far each current token's position moved down
+    where stages renumbered positions (None: no stage did); gathered: the layer inputs already gathered to the
+    current tokens, by the identity of the model's full-length tensor (layers share them).
     """
 
     is_image: torch.Tensor
@@ -99,19 +108,23 @@ class _Prompt:
     image_indices: torch.Tensor
     positions: torch.Tensor
     original_image_positions: torch.Tensor
+    image_numbers: torch.Tensor
+    pruned: bool = False  # a stage has dropped tokens in this prefill
     position_shift: int = 0  # tokens dropped so far by stages that renumber positions
+    position_offsets: torch.Tensor | None = None
     attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
     keys: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, S_cur, kv_heads * head_dim], RoPE'd
     embeddings: torch.Tensor | None = None
+    gathered: dict = field(default_factory=dict)
 
 
 @dataclass
 class _Segment:
-    """Layers from one stage to the next, for decode steps: `key_index` LongTensor[batch, S_i], where the prompt
-    tokens their cache holds sit among the key columns of the masks the model builds (laid out as layer 0's cache;
-    None: the same columns), and `position_shift`, the tokens dropped with renumbering before the generated ones."""
+    """Layers from one stage to the next, for decode steps: `positions` LongTensor[batch, S_i], the original prompt
+    positions their cache holds, and `position_shift`, the tokens dropped with renumbering before the generated
+    ones."""
 
-    key_index: torch.Tensor | None
+    positions: torch.Tensor
     position_shift: int
 
 
@@ -145,12 +158,15 @@ class Pruner:
         self._warned_span = False
         self._prompt: _Prompt | None = None
         self._captured: dict = {}
-        self._overrides: dict | None = None
         self._segments: dict[int, _Segment] = {}
-        self._layer0_positions: torch.Tensor | None = None  # [batch, S0] original positions layer 0 cached, if pruned
-        self._prompt_length = 0  # prompt tokens in layer 0's cache
+        self._segment_of = {layer: max(s.layer for s in self.stages if s.layer <= layer)
+                            for layer in range(self.stages[0].layer, len(self.adapter.layers))}
+        self._layouts: dict[int, torch.Tensor | None] = {}  # cached prompt length -> its original positions
+        self._layer0_length = 0  # prompt tokens in layer 0's cache
+        self._generated = 0  # tokens after the prompt in the cache, the current step's included
         self._decode_cache = None
         self._decoding = False
+        self._decode_gathered: dict = {}
         self._cache_ref = None
         self._vision: VisionFeatures | None = None
 
@@ -183,6 +199,13 @@ class Pruner:
     def _check_schedule(self) -> None:
         if not self.stages:
             raise ValueError(f"{self.method.name or type(self.method).__name__}: stages() returned no stage")
+        lowest = self.adapter.first_prunable_layer()
+        if self.stages[0].layer < lowest:
+            raise ValueError(
+                f"{self.method.name}: {self.adapter.family} adds vision features (DeepStack) to the hidden states "
+                f"after decoder layers 0..{lowest - 1}, so tokens can be dropped before layer {lowest} at the "
+                f"earliest; this schedule prunes before layer {self.stages[0].layer} (for FastV: K >= {lowest})"
+            )
         previous = -1
         for stage in self.stages:
             if stage.layer <= previous:
@@ -218,11 +241,11 @@ class Pruner:
         def query(module, args, output):
             if self._prompt is not None and rows is not None:
                 count = 1 if rows == "last" else self._prompt.text_rows
-                captured["query"] = output[:, -count:]  # [batch, Q, heads * head_dim]
+                captured["query"] = self.adapter.flat_heads(output)[:, -count:]  # [batch, Q, heads * head_dim]
 
         def keys(module, args, output):
             if self._prompt is not None:
-                captured["keys"] = output  # [batch, S, kv_heads * head_dim]
+                captured["keys"] = self.adapter.flat_heads(output)  # [batch, S, kv_heads * head_dim]
 
         def score(module, args, output):
             if self._prompt is not None:
@@ -292,7 +315,7 @@ class Pruner:
     def _reset_forward_state(self) -> None:
         self._prompt = None
         self._captured.clear()
-        self._overrides = None
+        self._decode_gathered = {}
         self._decoding = False
 
     # -- hooks -----------------------------------------------------------------------------------------------------
@@ -300,10 +323,13 @@ class Pruner:
     def _on_forward_start(self, module, args, kwargs):
         self._reset_forward_state()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = self.adapter.input_ids(args, kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             self._decoding = self._continues_pruned_cache(cache)
-            return None  # a decode step (or a continuation): the selection was made at this cache's prefill
-        input_ids = self.adapter.input_ids(args, kwargs)
+            if self._decoding:  # the selection was made at this cache's prefill
+                new = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+                self._generated = cache.get_seq_length() - self._layer0_length + new.shape[1]
+            return None
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
                 warnings.warn("pruning needs input_ids to find the image tokens; this call with inputs_embeds runs "
@@ -332,11 +358,14 @@ class Pruner:
             return None
         if min(counts_list) != max(counts_list):
             raise ValueError(
-                f"every row of a batch must hold the same number of image tokens to prune; got {counts_list}"
+                f"every row of a batch must hold the same number of image tokens to prune; got {counts_list} "
+                "(images of different sizes give different counts on anyres / dynamic-resolution models: batch "
+                "prompts with equal counts together, as the evaluation does, or run them one at a time)"
             )
         if values[-1]:
             raise ValueError("pruning scores from the last prompt position and needs left padding "
                              "(padding_side='left')")
+        self.adapter.check_prompt(input_ids.shape[1])
         self._check_image_span(starts, counts_list[0])
         num_image, seq_len = counts_list[0], input_ids.shape[1]
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
@@ -350,20 +379,42 @@ class Pruner:
             image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
             positions=positions,
             original_image_positions=image_positions,
+            image_numbers=image_numbers(is_image, image_positions),
         )
 
     def _on_forward_end(self, module, args, output):
         self._reset_forward_state()
 
     def _on_layer(self, index: int, args, kwargs):
+        if self._decoding:
+            kwargs.update(self._decode_inputs(index, kwargs))
+            return args, kwargs
+        if self._prompt is None:
+            return args, kwargs
+        model_inputs = dict(kwargs)  # this layer's inputs as the model built them, for the whole prompt
+        if self._prompt.pruned:
+            kwargs.update(self._prefill_inputs(index, model_inputs))
         stage_index = self._stage_at.get(index)
-        if stage_index is not None and self._decoding:
-            self._overrides = self._decode_overrides(index, kwargs)  # from the model's own (full-length) inputs
-        if self._overrides:
-            kwargs.update(self._overrides)
-        if stage_index is not None and self._prompt is not None:
-            args, kwargs = self._run_stage(stage_index, args, kwargs)
+        if stage_index is not None:
+            args, kwargs = self._run_stage(stage_index, args, kwargs, model_inputs)
         return args, kwargs
+
+    def _prefill_inputs(self, layer: int, model_inputs: dict) -> dict:
+        """Layer `layer`'s own mask, position ids and cos/sin, built by the model for the whole prompt, gathered to
+        the current tokens (positions moved down where stages renumbered them). Each layer's own: Gemma 3's sliding
+        and full layers differ; layers that share a tensor share its gather."""
+        prompt, gathered = self._prompt, {}
+        for name in ("attention_mask", "position_ids", "position_embeddings"):
+            value = model_inputs.get(name)
+            if value is None:
+                continue
+            key = (name, id(value[0] if name == "position_embeddings" else value))
+            if key not in prompt.gathered:
+                prompt.gathered[key] = (value, gather_layer_inputs(
+                    name, value, prompt.positions, prompt.position_offsets, model_inputs.get("position_ids"),
+                    lambda ids: self.adapter.position_embeddings(layer, value[0], ids)))
+            gathered[name] = prompt.gathered[key][1]
+        return gathered
 
     # -- a stage in prefill -----------------------------------------------------------------------------------
 
@@ -419,7 +470,7 @@ class Pruner:
             rotated = rotated_keys(keys, cos, sin, layout.head_dim)
         return attention, rotated
 
-    def _run_stage(self, stage_index: int, args, kwargs):
+    def _run_stage(self, stage_index: int, args, kwargs, model_inputs: dict):
         stage, prompt = self.stages[stage_index], self._prompt
         hidden = args[0] if args else kwargs["hidden_states"]  # [batch, S_cur, hidden]
         if hidden.shape[1] != prompt.positions.shape[1]:
@@ -428,18 +479,18 @@ class Pruner:
         inputs = self._stage_inputs(stage, hidden, kwargs)
         choice = self.method.choose(stage_index, inputs)
         top = kept_image_tokens(self.method, choice, hidden.shape[0], inputs.num_image_tokens)  # [batch, R]
-        hidden, overrides, kept, keep = drop_tokens(hidden, kwargs, prompt.image_positions, top,
-                                                    stage.compact_positions, self.adapter)
+        hidden, kept, keep = drop_tokens(hidden, prompt.image_positions, top)
         self._record(stage, choice, top, kept, keep)
         if choice.replacement is not None:
             index = prompt.image_positions[..., None].expand(-1, -1, hidden.shape[-1])
             hidden = hidden.scatter(1, index, choice.replacement.to(hidden.dtype))
         args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
-        self._overrides = overrides
-        kwargs.update(overrides)
+        kwargs.update(self._prefill_inputs(stage.layer, model_inputs))
         return args, kwargs
 
     def _record(self, stage: Stage, choice, top, kept, keep) -> None:
+        """The drop of `top` [batch, R] among the current image tokens: `kept` [batch, S'] current positions kept,
+        `keep` BoolTensor[batch, S_cur]."""
         prompt = self._prompt
         new_index = keep.long().cumsum(dim=1) - 1  # [batch, S_cur]: a kept token's place in the new sequence
         kept_image_positions = prompt.image_positions.gather(1, top)
@@ -447,53 +498,69 @@ class Pruner:
         prompt.image_indices = candidates.gather(1, top)
         prompt.image_positions = new_index.gather(1, kept_image_positions)
         prompt.positions = prompt.positions.gather(1, kept)
-        if stage.compact_positions:
+        if stage.compact_positions and self.adapter.renumbers_positions:
             prompt.position_shift += candidates.shape[1] - top.shape[1]
-        if stage is self.stages[0]:  # decode masks are laid out as layer 0's cache: the full or the pruned prompt
-            self._layer0_positions = prompt.positions if stage.layer == 0 else None
-            self._prompt_length = prompt.positions.shape[1] if stage.layer == 0 else prompt.is_image.shape[1]
-        self._segments[stage.layer] = _Segment(self._key_index(stage, prompt.positions), prompt.position_shift)
+            dropped_before = (~keep).long().cumsum(dim=1).gather(1, kept)  # [batch, S']
+            offsets = prompt.position_offsets
+            prompt.position_offsets = dropped_before + (0 if offsets is None else offsets.gather(1, kept))
+        elif prompt.position_offsets is not None:
+            prompt.position_offsets = prompt.position_offsets.gather(1, kept)
+        prompt.pruned = True
+        prompt.gathered = {}
+        if stage is self.stages[0]:  # layer 0 caches the whole prompt unless the first stage is at layer 0
+            full_length = prompt.is_image.shape[1]
+            self._layouts = {} if stage.layer == 0 else {full_length: None}
+            self._layer0_length = prompt.positions.shape[1] if stage.layer == 0 else full_length
+        self._segments[stage.layer] = _Segment(prompt.positions, prompt.position_shift)
+        self._layouts[prompt.positions.shape[1]] = prompt.positions
         self._decode_cache = self._cache_ref
         selection = Selection(
             kept_image_indices=prompt.image_indices, image_start=prompt.image_start, scores=choice.scores,
             head_index=choice.head_index, kept_positions=prompt.positions, layer=stage.layer,
-            candidate_image_indices=candidates,
+            candidate_image_indices=candidates, kept_image_numbers=prompt.image_numbers.gather(1, prompt.image_indices),
         )
         self.selections = ([] if stage is self.stages[0] else self.selections) + [selection]
-
-    def _key_index(self, stage: Stage, positions: torch.Tensor) -> torch.Tensor | None:
-        """Where the prompt tokens a segment caches sit among the key columns of decode masks: their original
-        positions when layer 0 caches the whole prompt; found among layer 0's kept positions otherwise (None for the
-        segment that starts at layer 0: the same columns)."""
-        if stage.layer == 0:
-            return None
-        if self._layer0_positions is None:
-            return positions
-        return torch.searchsorted(self._layer0_positions.contiguous(), positions)
 
     # -- decode steps on the pruned cache ---------------------------------------------------------------------------
 
     def _continues_pruned_cache(self, cache) -> bool:
         return bool(self._segments) and self._decode_cache is not None and self._decode_cache() is cache
 
-    def _decode_overrides(self, layer: int, kwargs) -> dict:
-        """Inputs of the segment starting at `layer`: a materialised mask's key columns gathered to the segment's
-        cached prompt positions plus the generated ones; positions shifted down where they were compacted."""
-        segment = self._segments[layer]
+    def _decode_inputs(self, layer: int, kwargs) -> dict:
+        """Inputs of a layer whose cache holds a pruned prompt, in a decode step: a materialised mask's key columns
+        gathered to the prompt positions that cache holds plus the generated ones (the model lays a mask's columns
+        out as the cache of one layer, found by the mask's width: layer 0's for most masks, the first full layer's
+        for Gemma 3's full masks); positions shifted down where they were renumbered."""
+        segment = self._segments[self._segment_of[layer]]
         overrides = {}
         mask = kwargs.get("attention_mask")
-        if mask is not None and segment.key_index is not None:
-            kept = segment.key_index  # [batch, S_i]
-            generated = torch.arange(self._prompt_length, mask.shape[-1], device=kept.device)
-            keys = torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1)
-            overrides["attention_mask"] = gather_mask(mask, None, keys)
-        if segment.position_shift and kwargs.get("position_ids") is not None:
-            position_ids = kwargs["position_ids"] - segment.position_shift
-            overrides["position_ids"] = position_ids
-            overrides["position_embeddings"] = self.adapter.position_embeddings(
-                kwargs["position_embeddings"][0], position_ids
-            )
+        if mask is not None:
+            key = ("attention_mask", id(mask), id(segment))
+            if key not in self._decode_gathered:
+                self._decode_gathered[key] = (mask, self._decode_mask(mask, segment))
+            overrides["attention_mask"] = self._decode_gathered[key][1]
+        position_ids = kwargs.get("position_ids")
+        if segment.position_shift and position_ids is not None:
+            key = ("position_embeddings", id(kwargs["position_embeddings"][0]), id(segment))
+            if key not in self._decode_gathered:
+                shifted = position_ids - segment.position_shift
+                rope = self.adapter.position_embeddings(layer, kwargs["position_embeddings"][0], shifted)
+                self._decode_gathered[key] = (kwargs["position_embeddings"], (shifted, rope))
+            overrides["position_ids"], overrides["position_embeddings"] = self._decode_gathered[key][1]
         return overrides
+
+    def _decode_mask(self, mask: torch.Tensor, segment: _Segment) -> torch.Tensor:
+        width = mask.shape[-1]
+        reference = width - self._generated  # prompt tokens of the cache the mask's columns are laid out as
+        if reference not in self._layouts:
+            raise RuntimeError(f"a decode mask with {width} key columns matches no pruned cache layout "
+                               f"({sorted(self._layouts)} prompt tokens + {self._generated} generated)")
+        layout = self._layouts[reference]
+        if layout is segment.positions:
+            return mask
+        kept = segment.positions if layout is None else torch.searchsorted(layout.contiguous(), segment.positions)
+        generated = torch.arange(reference, width, device=kept.device)
+        return gather_mask(mask, None, torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1))
 
     # -- the method's expectations of the prompt -------------------------------------------------------------------
 

@@ -172,26 +172,36 @@ def kept_image_tokens(method: PruningMethod, choice: Choice, batch: int, num_ima
     return top
 
 
-def drop_tokens(hidden: torch.Tensor, layer_inputs: dict, image_positions: torch.Tensor, top: torch.Tensor,
-                compact: bool, adapter) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+def drop_tokens(hidden: torch.Tensor, image_positions: torch.Tensor,
+                top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The physical drop before a layer: keep every non-image token and the image tokens `top` [batch, R] (indices
-    into `image_positions` [batch, n]). `hidden` [batch, S, hidden] and the layer's inputs (`attention_mask`,
-    `position_ids`, `position_embeddings`) are gathered per row; with `compact`, positions close the gaps and
-    cos/sin are recomputed by the adapter. Returns (hidden [batch, S', hidden], the gathered layer inputs,
-    kept_positions [batch, S'], keep BoolTensor[batch, S])."""
+    into `image_positions` [batch, n]). Returns (hidden [batch, S', hidden] gathered per row, kept_positions
+    LongTensor[batch, S'], keep BoolTensor[batch, S])."""
     kept, keep = kept_sequence(image_positions, top, hidden.shape[1])
-    hidden = gather_rows(hidden, kept, 1)
-    gathered = {"attention_mask": gather_mask(layer_inputs.get("attention_mask"), kept, kept)}
-    position_ids = layer_inputs.get("position_ids")
-    if position_ids is not None:
-        position_ids = gather_rows(position_ids, kept, 1)
-        if compact:
-            position_ids = position_ids - gather_rows((~keep).long().cumsum(dim=1), kept, 1)
-        gathered["position_ids"] = position_ids
-    if layer_inputs.get("position_embeddings") is not None:
-        if compact:
-            gathered["position_embeddings"] = adapter.position_embeddings(hidden, position_ids)
-        else:
-            cos, sin = layer_inputs["position_embeddings"]
-            gathered["position_embeddings"] = (gather_rows(cos, kept, 1), gather_rows(sin, kept, 1))
-    return hidden, gathered, kept, keep
+    return gather_rows(hidden, kept, 1), kept, keep
+
+
+def gather_layer_inputs(name: str, value, positions: torch.Tensor, offsets: torch.Tensor | None,
+                        position_ids: torch.Tensor | None, recompute_rope):
+    """One of a decoder layer's inputs, built by the model for the whole prompt, gathered to the tokens at original
+    `positions` [batch, S'] (a 4D mask on both axes, a 2D mask on keys). With `offsets` [batch, S'] (how far each
+    token's position moved down where a stage renumbered positions) position ids are moved down and cos/sin are
+    recomputed by `recompute_rope(position_ids)` from the layer's full-prompt `position_ids` [batch, S]."""
+    if name == "attention_mask":
+        return gather_mask(value, positions, positions)
+    if name == "position_ids":
+        gathered = gather_rows(value, positions, 1)
+        return gathered if offsets is None else gathered - offsets
+    if offsets is None:
+        cos, sin = value
+        return gather_rows(cos, positions, 1), gather_rows(sin, positions, 1)
+    if position_ids is None:
+        raise ValueError("renumbered positions need the layer's position_ids; the model passed none")
+    return recompute_rope(gather_rows(position_ids, positions, 1) - offsets)
+
+
+def image_numbers(is_image: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
+    """Which image each image token belongs to, 0-based in prompt order, one image being a run of consecutive image
+    tokens: LongTensor[batch, N] for the image tokens at `image_positions` [batch, N] of `is_image` [batch, S]."""
+    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
+    return (starts.long().cumsum(dim=1) - 1).gather(1, image_positions)
