@@ -118,8 +118,9 @@ def test_up_to_eos_cuts_after_the_first_eos():
 
 
 def test_batches_group_by_kind_and_length_deterministically():
-    def planned(qid, image, length):
-        return PlannedQuestion(Question(id=qid, index=0, text="", label="A", image=image), "", [0] * length)
+    def planned(qid, image, length, num_image=576):
+        return PlannedQuestion(Question(id=qid, index=0, text="", label="A", image=image), "", [0] * length,
+                               num_image if image else 0)
 
     items = [planned("a", "a.png", 10), planned("t1", None, 12), planned("b", "b.png", 14), planned("c", "c.png", 10),
              planned("t2", None, 5), planned("d", "d.png", 14), planned("e", "e.png", 11)]
@@ -128,6 +129,18 @@ def test_batches_group_by_kind_and_length_deterministically():
     assert ids == [["b", "d"], ["e", "a"], ["c"], ["t1", "t2"]]  # image rows first, longest first, kinds apart
     assert plan_batches(items, 2) == batches
     assert [[i.question.id for i in b] for b in plan_batches(items, 1)] == [[i] for i in "bdeac"] + [["t1"], ["t2"]]
+
+
+def test_batches_hold_one_image_token_count():
+    """Anyres / dynamic-resolution families: rows of one batch have the same number of image tokens."""
+    def planned(qid, length, num_image):
+        return PlannedQuestion(Question(id=qid, index=0, text="", label="A", image=f"{qid}.png"), "",
+                               [0] * length, num_image)
+
+    items = [planned("a", 700, 600), planned("b", 690, 576), planned("c", 650, 600), planned("d", 640, 576),
+             planned("e", 800, 729)]
+    ids = [[item.question.id for item in batch] for batch in plan_batches(items, 4)]
+    assert ids == [["e"], ["a", "c"], ["b", "d"]]
 
 
 def test_batch_inputs_pad_on_the_left_and_stack_images():

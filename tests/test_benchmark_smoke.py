@@ -265,3 +265,33 @@ def test_profile_choose_profiles_each_stage_of_a_method():
     out = profile_choose.main(["--preset", "tiny", "--threads", "1", "--reps", "1", "zoo/pdrop/64", "zoo/pool/64"])
     assert set(out) == {"zoo/pdrop/64#0", "zoo/pdrop/64#1", "zoo/pdrop/64#2", "zoo/pool/64#0"}
     assert all(v["seconds"] > 0 and "Self CPU" in v["table"] for v in out.values())
+
+
+import bench_families  # noqa: E402
+
+
+def test_family_benchmark_smoke_writes_every_budget(tmp_path, capsys):
+    """The NeXT-like and Qwen2.5-VL-like benchmark: each budget really keeps its tokens, and the theoretical
+    speed-up is the FLOPs model's (recomputed here by hand from the layer formula)."""
+    assert bench_families.main(["--smoke", "--output-dir", str(tmp_path)]) == 0
+    (result_file,) = tmp_path.glob("bench_families_smoke_*.json")
+    result = json.loads(result_file.read_text())
+    assert [r["family"] for r in result["results"]] == ["next", "qwen"]
+    for family in result["results"]:
+        rows = family["rows"]
+        assert rows[0]["config"] == "baseline" and rows[0]["theoretical"] == 1.0
+        n, image = family["num_tokens"], family["num_image_tokens"]
+        shape = family["decoder_shape"]
+        d, m, q = shape["hidden_size"], shape["intermediate_size"], shape["num_heads"] * shape["head_dim"]
+        kv = shape["num_kv_heads"] * shape["head_dim"]
+        layers = shape["num_layers"]
+
+        def layer(tokens):
+            return 2 * (tokens * d * (2 * q + 2 * kv) + 2 * tokens * tokens * q + 3 * tokens * d * m)
+
+        for row in rows[1:]:
+            assert row["kept_measured"] == row["kept"] < image
+            hand = layers * layer(n) / (2 * layer(n) + (layers - 2) * layer(n - image + row["kept"]))
+            assert row["theoretical"] == pytest.approx(hand)
+            assert row["prefill_s"] > 0 and row["decoder_s"] > 0
+    assert "next-like" in capsys.readouterr().out

@@ -1,10 +1,12 @@
-"""Pruning on the other VLM families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3), each checked against an independent
+"""Pruning on the other VLM families (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3), each checked against an independent
 computation: the kept tokens against the eager attention weights of the unmodified model, the logits and the cached
 greedy generation against an eager copy in which the dropped image tokens are blocked as keys in every layer from K
 on (equal to removing them), single and batched with left padding, under SDPA and eager attention.
 
-The tiny models are random, built offline from their configs; inputs are written token by token (no processor), with
-`pixel_values` of the right shape, so nothing here needs torchvision or a hub download.
+The tiny models are random, built offline from their configs. For Qwen-VL and Gemma 3 the inputs are written token by
+token (no processor), with `pixel_values` of the right shape; the anyres families (whose image token count comes from
+the image size) take their inputs from the offline processors of `fastv_advanced.tiny_families`. Nothing here needs
+torchvision or a hub download.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fastv_advanced.adapters import adapter_for
 from fastv_advanced.methods import available_methods, get_method_class
 from fastv_advanced.methods.fastv import FastVConfig
 from fastv_advanced.pruning import apply_pruning
+from fastv_advanced.tiny_families import build_tiny_family
 
 VOCAB, IMAGE, START, END, VIDEO, PAD = 300, 250, 251, 252, 253, 0
 GRID = 8  # Qwen: 8 x 8 patches, merged 2 x 2 -> 16 image tokens; Gemma 3: 16 tokens per image
@@ -125,28 +128,28 @@ def eager_copy(model):
     return reference
 
 
-def reference_kept(reference, inputs: dict, layer: int, rank: int) -> list[list[int]]:
+def reference_kept(reference, inputs: dict, layer: int, rank: int, image: int = IMAGE) -> list[list[int]]:
     """Per row, the sequence positions of the `rank` image tokens with the highest head-mean attention of the last
     position in decoder layer `layer` (eager weights of the unmodified model), ascending."""
     with torch.no_grad():
         attention = reference(**inputs, output_attentions=True).attentions[layer]  # [batch, heads, S, S]
     kept = []
     for row, ids in enumerate(inputs["input_ids"].tolist()):
-        positions = [j for j, token in enumerate(ids) if token == IMAGE]
+        positions = [j for j, token in enumerate(ids) if token == image]
         scores = [float(attention[row, :, -1, p].mean()) for p in positions]
         best = sorted(range(len(positions)), key=lambda i: -scores[i])[:rank]
         kept.append(sorted(positions[i] for i in best))
     return kept
 
 
-def masked_run(reference, inputs: dict, layer: int, kept: list[list[int]], new_tokens: int):
+def masked_run(reference, inputs: dict, layer: int, kept: list[list[int]], new_tokens: int, image: int = IMAGE):
     """Last-position logits and greedy tokens of the eager copy with every image token not in `kept` blocked as a
     key in decoder layers >= `layer` (prefill and decode)."""
     ids = inputs["input_ids"]
     blocked = torch.zeros(ids.shape, dtype=torch.bool)
     for row, positions in enumerate(kept):
         for position, token in enumerate(ids[row].tolist()):
-            blocked[row, position] = token == IMAGE and position not in positions
+            blocked[row, position] = token == image and position not in positions
 
     def block(module, args, kwargs):
         mask = kwargs["attention_mask"]  # eager: always a float [batch, 1, q, kv] mask
@@ -201,6 +204,51 @@ def test_fastv_matches_masked_eager_reference(family, k, padded, attention):
             assert (model(**inputs).logits[:, -1] - logits).abs().max() > 1e-3
 
 
+def anyres_inputs(processor, padded: bool) -> dict:
+    """Two chat prompts with one 336 x 336 picture each (1,176 image tokens: base image, one tile, row newlines),
+    the second with a shorter question and so left-padded when `padded`."""
+    from PIL import Image, ImageDraw
+
+    questions = ["Which colour is the shape?", "Colour?" if padded else "Which shape is it?"]
+    pictures = []
+    for colour in ("red", "blue"):
+        picture = Image.new("RGB", (336, 336), "white")
+        ImageDraw.Draw(picture).ellipse((60, 90, 200, 260), fill=colour)
+        pictures.append([picture])
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                               "text": q}]}],
+                                             add_generation_prompt=True, tokenize=False) for q in questions]
+    return dict(processor(text=prompts, images=pictures, padding=True, padding_side="left", return_tensors="pt"))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_anyres_fastv_matches_masked_eager_reference(family, padded):
+    """LLaVA-NeXT (Llama decoder) and LLaVA-OneVision (Qwen2 decoder): the row-end newline embeddings carry the
+    image token id, so they are candidates like every other image token."""
+    model, processor = build_tiny_family(family)
+    image = model.config.image_token_id
+    reference = eager_copy(model)
+    inputs = anyres_inputs(processor, padded)
+    num_image = int((inputs["input_ids"][0] == image).sum())
+    assert num_image == 24 * 24 * 2 + 24
+    k, rank, new_tokens = 2, 100, 3
+    kept = reference_kept(reference, inputs, k - 1, rank, image)
+    logits, tokens = masked_run(reference, inputs, k, kept, new_tokens, image)
+    with apply_pruning(model, FastVConfig(agg_layer=k, attention_rank=rank,
+                                          token_selection_method="avg_all_heads")) as pruner, torch.no_grad():
+        pruned_logits = model(**inputs).logits[:, -1]
+        selection = pruner.last_selection
+        generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    positions = [[j for j, t in enumerate(ids) if t == image] for ids in inputs["input_ids"].tolist()]
+    got = [[row_positions[i] for i in row] for row_positions, row in zip(positions, selection.kept_image_indices.tolist())]
+    assert got == kept
+    torch.testing.assert_close(pruned_logits, logits, atol=2e-5, rtol=0)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1]:], tokens)
+    with torch.no_grad():  # the control: pruning changed the answer's logits
+        assert (model(**inputs).logits[:, -1] - logits).abs().max() > 1e-4
+
+
 def test_qwen3_vl_refuses_pruning_before_its_deepstack_layers():
     model = build("qwen3_vl")
     with pytest.raises(ValueError, match=r"DeepStack.*K >= 2"):
@@ -241,10 +289,13 @@ def test_selection_names_the_image_of_each_kept_token():
     assert set(expected.flatten().tolist()) == {0, 1}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("llava_next", "llava_onevision"))
 def test_every_method_runs_or_says_why_not(family):
-    model = build(family)
-    inputs = inputs_for(family, True)
+    if family.startswith("llava"):
+        model, processor = build_tiny_family(family)
+        inputs = anyres_inputs(processor, True)
+    else:
+        model, inputs = build(family), inputs_for(family, True)
     num_layers = len(model.model.language_model.layers)
     lowest = 2 if family == "qwen3_vl" else 0
     ran = []
@@ -268,5 +319,9 @@ def test_every_method_runs_or_says_why_not(family):
             message = str(error)
             # what may legitimately refuse: VisionZip's [CLS] on these towers, and budgets above 16 image tokens
             assert "[CLS]" in message or "image tokens" in message, (name, message)
-    if family != "qwen3_vl":  # on this 4-layer Qwen3-VL every multi-stage preset starts below its DeepStack layers
+            if family.startswith("llava"):  # anyres: base image, tiles and newlines are no single patch grid
+                assert name in ("uniform", "pool") and "square patch grid" in message, (name, message)
+    if family.startswith("llava"):
+        assert {"fastv", "dart", "pdrop", "sparsevlm", "divprune"} <= set(ran), ran
+    elif family != "qwen3_vl":  # on this 4-layer Qwen3-VL every multi-stage preset starts below its DeepStack layers
         assert {"pdrop", "sparsevlm", "divprune", "uniform", "pool"} <= set(ran), ran

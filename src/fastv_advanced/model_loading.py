@@ -2,10 +2,13 @@
 
 - `inspect_model_path(path)` reads `config.json` only (no weights): format, decoder layers, image tokens, so that
   flags can be checked before a 7B model loads.
-- `load_model(path, ...)` -> `LoadedModel(model, processor, info)`: a transformers-format LLaVA (local folder, or a hub
-  id already in the local cache) through `AutoProcessor` + `LlavaForConditionalGeneration` with SDPA for text and
-  vision and the PIL image processor, or an original-format (liuhaotian) checkpoint through
-  `original_checkpoint.load_original_checkpoint`.
+- `load_model(path, ...)` -> `LoadedModel(model, processor, info)`: a transformers-format checkpoint of a supported
+  family (local folder, or a hub id already in the local cache) through its processor (`processors.load_processor`,
+  PIL image backend, no video processor) and `AutoModelForImageTextToText` with SDPA for text and vision, or an
+  original-format (liuhaotian) LLaVA-1.5 checkpoint through `original_checkpoint.load_original_checkpoint`.
+
+Supported families (`config.json`'s `model_type`): llava (LLaVA-1.5, the guide's protocol), llava_next,
+llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3 (prompts through the processor's chat template).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from types import SimpleNamespace
 import torch
 
 from .flops import DecoderShape
-from .prompting import num_image_tokens
+from .processors import PROCESSOR_CLASSES, load_processor
+from .prompting import fixed_image_tokens
 
 
 @dataclass
@@ -36,9 +40,13 @@ class ModelInfo:
     device: str
     device_name: str
     num_layers: int
-    num_image_tokens: int
+    num_image_tokens: int | None  # per image; None where it depends on the image's size (anyres, Qwen-VL)
     image_processor: str
     image_aspect_ratio: str | None = None  # "pad"/"crop" as the checkpoint declares it (original format), else None
+    model_type: str = "llava"  # config.json's model_type: which family, and so which prompt protocol
+    architecture: str = "LlavaForConditionalGeneration"
+    decoder: str = ""  # the language model's model_type (llama, mistral, qwen2, gemma3_text, ...)
+    vision_tower: str = ""  # the vision tower's model_type (clip_vision_model, siglip_vision_model, qwen2_vl, ...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +70,7 @@ class ModelSpec:
     num_image_tokens: int | None
     image_aspect_ratio: str | None = None
     decoder_shape: DecoderShape | None = None  # for theoretical FLOPs before loading
+    model_type: str = "llava"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -112,17 +121,34 @@ def inspect_model_path(model_path: str) -> ModelSpec:
         )
     if model_path.startswith((".", "/", "~")) or not _HUB_ID.match(model_path):
         raise ValueError(f"--model-path {model_path} does not exist (not a folder, and not a hub id 'owner/name')")
-    from transformers import LlavaConfig
+    from transformers import AutoConfig
 
     try:
-        llava = LlavaConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path)
     except Exception as exc:  # noqa: BLE001 - offline or unknown id
         raise ValueError(
             f"--model-path {model_path} is not a local folder and cannot be loaded from the hub or the local "
             f"Hugging Face cache ({type(exc).__name__}: {exc}). Download it first, then pass the local folder."
         ) from exc
-    return ModelSpec(model_path, "transformers", False, llava.text_config.num_hidden_layers, num_image_tokens(llava),
-                     decoder_shape=DecoderShape.from_text_config(llava.text_config))
+    return _transformers_spec(model_path, model_path, config, local=False)
+
+
+def check_family(model_path: str, model_type: str | None) -> None:
+    """ValueError naming the supported families when `model_type` is not one of them."""
+    if model_type not in PROCESSOR_CLASSES:
+        raise ValueError(
+            f"--model-path {model_path}: model_type {model_type!r} is not supported; supported families: "
+            f"{', '.join(PROCESSOR_CLASSES)}"
+        )
+
+
+def _transformers_spec(model_path: str, resolved: str, config, local: bool) -> ModelSpec:
+    """The `ModelSpec` of a transformers-format checkpoint whose config is `config`."""
+    check_family(model_path, config.model_type)
+    return ModelSpec(
+        resolved, "transformers", local, config.text_config.num_hidden_layers, fixed_image_tokens(config),
+        decoder_shape=DecoderShape.from_text_config(config.text_config), model_type=config.model_type,
+    )
 
 
 def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
@@ -146,16 +172,15 @@ def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
             image_aspect_ratio=original_preprocessing(config.get("image_aspect_ratio")),
             decoder_shape=_flat_decoder_shape(config),
         )
-    from transformers import LlavaConfig
+    check_family(model_path, config.get("model_type"))
+    from transformers import AutoConfig
 
     try:
-        llava = LlavaConfig.from_pretrained(str(path), local_files_only=True)
+        parsed = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
-        raise ValueError(f"--model-path {model_path}: config.json is not a LLaVA config: {exc}") from exc
-    return ModelSpec(
-        str(path.resolve()), "transformers", True, llava.text_config.num_hidden_layers, num_image_tokens(llava),
-        decoder_shape=DecoderShape.from_text_config(llava.text_config),
-    )
+        raise ValueError(f"--model-path {model_path}: config.json cannot be read as a "
+                         f"{config.get('model_type')} config: {exc}") from exc
+    return _transformers_spec(model_path, str(path.resolve()), parsed, local=True)
 
 
 def _flat_decoder_shape(config: dict) -> DecoderShape | None:
@@ -219,18 +244,8 @@ def load_model(
     config_ratio = spec.image_aspect_ratio
     if spec.format == "original":
         config_ratio = original_preprocessing(getattr(model.config, "image_aspect_ratio", None))
-    info = ModelInfo(
-        model_path=spec.path,
-        model_base=model_base,
-        format=spec.format,
-        dtype=str(torch_dtype).replace("torch.", ""),
-        device=str(device),
-        device_name=device_name(device),
-        num_layers=model.config.text_config.num_hidden_layers,
-        num_image_tokens=num_image_tokens(model.config),
-        image_processor=type(processor.image_processor).__name__,
-        image_aspect_ratio=config_ratio,
-    )
+    info = model_info_from(model, processor, model_path=spec.path, model_base=model_base, format=spec.format,
+                           image_aspect_ratio=config_ratio)
     return LoadedModel(model, processor, info)
 
 
@@ -270,10 +285,10 @@ def _load_weights(model_path: str, spec: ModelSpec, model_base: str | None, devi
             f"--model-base applies to original-format checkpoints (LoRA or projector-only weights); "
             f"{model_path} is a complete transformers-format checkpoint"
         )
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(spec.path, local_files_only=spec.local, backend="pil")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    processor = load_processor(spec.path, spec.model_type, local_files_only=spec.local)
+    model = AutoModelForImageTextToText.from_pretrained(
         spec.path,
         dtype=dtype,
         attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"},
@@ -282,17 +297,25 @@ def _load_weights(model_path: str, spec: ModelSpec, model_base: str | None, devi
     return model.to(device), processor
 
 
-def model_info_from(model, processor) -> ModelInfo:
-    """A `ModelInfo` for a model that was not loaded by `load_model` (e.g. built in memory)."""
+def model_info_from(model, processor, *, model_path: str | None = None, model_base: str | None = None,
+                    format: str = "transformers", image_aspect_ratio: str | None = None) -> ModelInfo:
+    """The `ModelInfo` (the result file's model card) of a loaded model; `model_path` defaults to the path the
+    config was read from (or the class name of a model built in memory)."""
     parameter = next(model.parameters())
+    config = model.config
     return ModelInfo(
-        model_path=str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        model_base=None,
-        format="transformers",
+        model_path=model_path or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        model_base=model_base,
+        format=format,
         dtype=str(parameter.dtype).replace("torch.", ""),
         device=str(parameter.device),
         device_name=device_name(parameter.device),
-        num_layers=model.config.text_config.num_hidden_layers,
-        num_image_tokens=num_image_tokens(model.config),
+        num_layers=config.text_config.num_hidden_layers,
+        num_image_tokens=fixed_image_tokens(config),
         image_processor=type(processor.image_processor).__name__,
+        image_aspect_ratio=image_aspect_ratio,
+        model_type=config.model_type,
+        architecture=type(model).__name__,
+        decoder=getattr(config.text_config, "model_type", ""),
+        vision_tower=getattr(config.vision_config, "model_type", ""),
     )

@@ -1,4 +1,5 @@
-"""LLaVA-1.5 prompts, token ids and image preprocessing, as the original evaluation builds them.
+"""Prompts, token ids and image preprocessing: LLaVA-1.5's as the original evaluation builds them, and the other
+families' through their processor's chat template.
 
 - Conversation templates: `vicuna_v1` (= `llava_v1`, the LLaVA-1.5 protocol) and `plain`.
 - Token ids are built chunk-wise like the original `tokenizer_image_token`: the prompt is split at `<image>`,
@@ -6,6 +7,11 @@
   the model's number of image tokens.
 - Images are padded to a square with the CLIP mean colour (`image_aspect_ratio="pad"`) before the processor's
   resize and centre crop, or centre-cropped directly (`"crop"`).
+- The other families (LLaVA-NeXT, OneVision, Qwen-VL, Gemma 3): the user turn is the image, then the question
+  (its `<image>` removed) and, with `single_pred_prompt`, the answer instruction on its own line, rendered by the
+  processor's chat template with the generation prompt — lmms-eval's `scienceqa_img` prompt — and tokenized with the
+  image by the processor, which expands the image tokens for the image's size.
+- `prompts_for(model, processor, run_config)` picks the builder (`GuidePrompts` or `ChatPrompts`) the run loop uses.
 """
 
 from __future__ import annotations
@@ -95,10 +101,89 @@ def tokenize_with_image(prompt: str, tokenizer, image_token_id: int, num_image_t
 
 
 def num_image_tokens(model_config) -> int:
-    """Image tokens one image becomes in the decoder input: patches, plus CLS with the `full` strategy."""
+    """Image tokens one image becomes in a LLaVA-1.5 decoder input: patches, plus CLS with the `full` strategy."""
     vision = model_config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (1 if model_config.vision_feature_select_strategy == "full" else 0)
+
+
+def fixed_image_tokens(model_config) -> int | None:
+    """Image tokens per image when every image gets the same number (LLaVA-1.5, Gemma 3), None where the count
+    depends on the image's size (LLaVA-NeXT / OneVision anyres, Qwen-VL dynamic resolution)."""
+    if model_config.model_type == "llava":
+        return num_image_tokens(model_config)
+    if model_config.model_type == "gemma3":
+        return int(model_config.mm_tokens_per_image)
+    return None
+
+
+def chat_prompt(question: str, has_image: bool, single_pred_prompt: bool, processor) -> str:
+    """The prompt of a ScienceQA question for a chat-template family (lmms-eval's `scienceqa_img`): one user turn
+    with the image first, then the question text and the answer instruction, and the assistant's generation
+    prompt."""
+    text = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    if single_pred_prompt:
+        text = f"{text}\n{SINGLE_PRED_PROMPT}"
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+class GuidePrompts:
+    """LLaVA-1.5 prompts as the guide's protocol builds them: a question's token ids are known without its image."""
+
+    needs_image = False
+
+    def __init__(self, processor, model_config, single_pred_prompt: bool, conv_mode: str, image_aspect_ratio: str):
+        self.processor, self.model_config = processor, model_config
+        self.single_pred_prompt, self.conv_mode, self.image_aspect_ratio = single_pred_prompt, conv_mode, \
+            image_aspect_ratio
+
+    def token_ids(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int]]:
+        """(prompt, token ids with the image tokens expanded); `image` is not needed (it may be None)."""
+        return prompt_token_ids(question, has_image, self.processor, self.model_config, self.single_pred_prompt,
+                                self.conv_mode)
+
+    def batch(self, rows: list[tuple[str, list[int]]], images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The left-padded model inputs of `rows` ((prompt, ids) each) with their images, and each row's padding."""
+        inputs = [model_inputs(ids, image, self.processor, self.image_aspect_ratio)
+                  for (_, ids), image in zip(rows, images)]
+        return batch_inputs(inputs, pad_token_id_of(self.processor.tokenizer))
+
+
+class ChatPrompts:
+    """Chat-template prompts tokenized by the family's processor; the image decides how many image tokens there are
+    (anyres tiles, dynamic resolution), so a question's token ids need its image."""
+
+    needs_image = True
+
+    def __init__(self, processor, single_pred_prompt: bool):
+        self.processor, self.single_pred_prompt = processor, single_pred_prompt
+
+    def token_ids(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int]]:
+        prompt = chat_prompt(question, has_image, self.single_pred_prompt, self.processor)
+        inputs, _ = self.batch([(prompt, [])], [image])
+        return prompt, inputs["input_ids"][0].tolist()
+
+    def batch(self, rows: list[tuple[str, list[int]]], images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The processor's left-padded inputs of the prompts of `rows` with `images` (all None: text only)."""
+        with_image = [image is not None for image in images]
+        if any(with_image) and not all(with_image):
+            raise ValueError("a batch must hold only questions with an image or only text-only questions")
+        prompts = [prompt for prompt, _ in rows]
+        pictures = [[image.convert("RGB")] for image in images] if all(with_image) else None  # one per prompt
+        inputs = dict(self.processor(text=prompts, images=pictures, padding=True, padding_side="left",
+                                     return_tensors="pt"))
+        pads = (inputs["attention_mask"] == 0).sum(dim=1).tolist()
+        return inputs, [int(pad) for pad in pads]
+
+
+def prompts_for(model_config, processor, run_config) -> GuidePrompts | ChatPrompts:
+    """The prompt builder of a run: the guide's LLaVA-1.5 protocol for `llava`, the chat template otherwise."""
+    if model_config.model_type == "llava":
+        return GuidePrompts(processor, model_config, run_config.single_pred_prompt, run_config.conv_mode,
+                            run_config.image_aspect_ratio)
+    return ChatPrompts(processor, run_config.single_pred_prompt)
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -164,6 +164,16 @@ def model_config_section(run_config: RunConfig, model_info: ModelInfo) -> dict:
         "num_layers": model_info.num_layers,
         "num_image_tokens": model_info.num_image_tokens,
         "image_processor": model_info.image_processor,
+        "model_card": {
+            "model_type": model_info.model_type,
+            "architecture": model_info.architecture,
+            "decoder": model_info.decoder,
+            "vision_tower": model_info.vision_tower,
+            # LLaVA-1.5 follows the guide (conv_mode, chunk-wise tokens, image_aspect_ratio); the other families
+            # render the processor's chat template and let the processor resize the image (conv_mode and
+            # image_aspect_ratio above do not apply to them)
+            "prompt_format": "conv_mode" if model_info.model_type == "llava" else "chat_template",
+        },
     }
 
 

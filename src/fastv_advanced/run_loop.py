@@ -5,8 +5,10 @@
 - `run_questions(ctx, journal, selected, todo, ...)`: the questions left to do, with the pruning hooks installed
   for the whole loop, each record appended to the per-sample journal as soon as it exists, and a progress bar.
   With `batch_size` > 1 the questions are grouped into left-padded batches (`plan_batches`: same kind, image or
-  text-only, and similar prompt lengths) and each batch is one `generate` (`run_batch`); the records are the
-  same as one question at a time, with the batch's timings.
+  text-only, the same number of image tokens, and similar prompt lengths) and each batch is one `generate`
+  (`run_batch`); the records are the same as one question at a time, with the batch's timings.
+- Prompts come from `ctx.prompts` (`prompting.prompts_for`): the guide's protocol for LLaVA-1.5, the processor's
+  chat template for the other families.
 - `FirstTokenTimer`: prefill time as the time to the first generated token.
 """
 
@@ -21,7 +23,7 @@ import torch
 
 from .answers import FAILED, is_correct, parse_answer
 from .flops import DecoderShape, schedule_flops
-from .prompting import batch_inputs, build_inputs, model_inputs, pad_token_id_of, prompt_token_ids
+from .prompting import prompts_for
 from .run_config import RunConfig
 from .run_files import SampleJournal
 from .scienceqa import Question, SampleError, load_image
@@ -78,6 +80,11 @@ class SampleContext:
     dtype: torch.dtype
     save_selection: bool
     pruner: object | None = None
+    prompts: object | None = None  # prompting.GuidePrompts or ChatPrompts; chosen for the model when not given
+
+    def __post_init__(self) -> None:
+        if self.prompts is None:
+            self.prompts = prompts_for(self.model.config, self.processor, self.run_config)
 
 
 @dataclass
@@ -94,22 +101,10 @@ def run_sample(ctx: SampleContext, question: Question, warmup: bool) -> dict:
     """Evaluate one question; raises `SampleError` for a malformed entry or an unreadable image."""
     if question.error is not None:
         raise SampleError(question.error)
-    config = ctx.run_config
     image = load_image(ctx.image_folder, question)
-    prompt, inputs = build_inputs(
-        question.text, image, ctx.processor, ctx.model.config, config.single_pred_prompt, config.conv_mode,
-        config.image_aspect_ratio,
-    )
-    inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(ctx.dtype)
-    is_image = inputs["input_ids"][0] == ctx.model.config.image_token_id  # [S]
-    seed = sample_seed(config.seed, question.id)
-    if ctx.pruner is not None:
-        ctx.pruner.reseed(seed)
-        ctx.pruner.selections = []
-    generation = _generate(ctx, inputs, seed)
-    return _sample_record(ctx, question, prompt, is_image, generation, seed, warmup)
+    planned = _plan_question(ctx, question, image)
+    records, _ = run_batch(ctx, [planned], [image], warmup)
+    return records[0]
 
 
 @dataclass
@@ -120,36 +115,56 @@ class PlannedQuestion:
     question: Question
     prompt: str
     ids: list[int]
+    num_image_tokens: int
 
     @property
     def has_image(self) -> bool:
         return self.question.image is not None
 
 
-def plan_questions(ctx: SampleContext, questions: list[Question]) -> list[PlannedQuestion]:
-    """Prompts and token ids of `questions` (without a malformed entry's), in the given order."""
-    config = ctx.run_config
+def _plan_question(ctx: SampleContext, question: Question, image) -> PlannedQuestion:
+    prompt, ids = ctx.prompts.token_ids(question.text, image, question.image is not None)
+    image_token_id = ctx.model.config.image_token_id
+    return PlannedQuestion(question, prompt, ids, sum(1 for token in ids if token == image_token_id))
+
+
+def plan_questions(ctx: SampleContext, questions: list[Question], on_error=None) -> list[PlannedQuestion]:
+    """Prompts and token ids of `questions` (without a malformed entry's), in the given order. Where the token ids
+    depend on the image (`ctx.prompts.needs_image`) the image is read here, and a question whose image cannot be
+    read goes to `on_error(question, SampleError)` (or raises without it)."""
     planned = []
     for question in questions:
-        if question.error is None:
-            prompt, ids = prompt_token_ids(question.text, question.image is not None, ctx.processor, ctx.model.config,
-                                           config.single_pred_prompt, config.conv_mode)
-            planned.append(PlannedQuestion(question, prompt, ids))
+        if question.error is not None:
+            continue
+        image = None
+        if ctx.prompts.needs_image:
+            try:
+                image = load_image(ctx.image_folder, question)
+            except SampleError as exc:
+                if on_error is None:
+                    raise
+                on_error(question, exc)
+                continue
+        planned.append(_plan_question(ctx, question, image))
     return planned
 
 
 def plan_batches(planned: list[PlannedQuestion], batch_size: int) -> list[list[PlannedQuestion]]:
-    """Batches of at most `batch_size` questions, each of one kind (all with an image or all text-only: the pruner
-    needs the same number of image tokens in every row), grouped by prompt length to limit padding.
+    """Batches of at most `batch_size` questions, each of one kind (all with an image or all text-only) and with
+    one number of image tokens (the pruner needs the same count in every row; on LLaVA-1.5 every image has 576),
+    grouped by prompt length to limit padding.
 
-    The order is deterministic: questions with an image first, longest prompt first (the most memory-hungry batch
-    runs first, so a batch size that does not fit fails at once), ties in the given order.
+    The order is deterministic: questions with an image first, most image tokens first, longest prompt first (the
+    most memory-hungry batch runs first, so a batch size that does not fit fails at once), ties in the given order.
     """
-    order = sorted(range(len(planned)), key=lambda i: (not planned[i].has_image, -len(planned[i].ids), i))
+    order = sorted(range(len(planned)), key=lambda i: (not planned[i].has_image, -planned[i].num_image_tokens,
+                                                       -len(planned[i].ids), i))
     batches: list[list[PlannedQuestion]] = []
     for index in order:
         item = planned[index]
-        if batches and len(batches[-1]) < batch_size and batches[-1][0].has_image == item.has_image:
+        last = batches[-1][0] if batches else None
+        if (last is not None and len(batches[-1]) < batch_size and last.has_image == item.has_image
+                and last.num_image_tokens == item.num_image_tokens):
             batches[-1].append(item)
         else:
             batches.append([item])
@@ -165,9 +180,7 @@ def run_batch(ctx: SampleContext, batch: list[PlannedQuestion], images: list, wa
     only, so for such a method only a batch of one matches `run_sample` (`run_questions` then goes one at a time).
     """
     config = ctx.run_config
-    rows = [model_inputs(item.ids, image, ctx.processor, config.image_aspect_ratio)  # tokenized when planned
-            for item, image in zip(batch, images)]
-    inputs, pads = batch_inputs(rows, pad_token_id_of(ctx.processor.tokenizer))
+    inputs, pads = ctx.prompts.batch([(item.prompt, item.ids) for item in batch], images)  # tokenized when planned
     inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(ctx.dtype)
@@ -180,8 +193,8 @@ def run_batch(ctx: SampleContext, batch: list[PlannedQuestion], images: list, wa
     generation = _generate(ctx, inputs, seeds[0])
     drew_random = state is not None and not torch.equal(state, ctx.pruner.generator.get_state())
     records = []
-    for row, (item, pad, seed, row_inputs) in enumerate(zip(batch, pads, seeds, rows)):
-        is_image = row_inputs["input_ids"][0] == ctx.model.config.image_token_id  # [S] of the unpadded prompt
+    for row, (item, pad, seed) in enumerate(zip(batch, pads, seeds)):
+        is_image = torch.tensor(item.ids) == ctx.model.config.image_token_id  # [S] of the unpadded prompt
         records.append(_sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
                                       row=row, pad=pad, batch_size=len(batch)))
     return records, drew_random
@@ -368,7 +381,7 @@ def _run_batched(ctx: SampleContext, journal: SampleJournal, todo: list[Question
         if question.error is not None:
             record_error(question, SampleError(question.error))
     warmup = True
-    for batch in plan_batches(plan_questions(ctx, todo), batch_size):
+    for batch in plan_batches(plan_questions(ctx, todo, on_error=record_error), batch_size):
         ready, images = [], []
         for item in batch:
             try:
