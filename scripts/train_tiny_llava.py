@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded tiny LLaVA from scratch on the synthetic ScienceQA-style set (CPU, minutes).
 
-    python scripts/train_tiny_llava.py                      # reproduces models/tiny-llava-scienceqa/ (~8 min)
+    python scripts/train_tiny_llava.py                      # reproduces models/tiny-llava-scienceqa/ (~30 min)
     python scripts/train_tiny_llava.py --steps 200 --output /tmp/try   # a quick try
 
 The model has LLaVA-1.5's geometry at toy width: a CLIP vision tower at 336 px with 14 px patches (24 x 24 = 576
@@ -16,6 +16,11 @@ the image tokens of ANOTHER example of the batch, so what they read there is unr
 to read its own picture in layers 2-3, as the pruning at K=2 assumes. Without it this 4-layer decoder reads the
 picture in layer 0 and no pruning after layer 1 changes its answers (docs/embedded_demo.md). The saved model is a
 plain LlavaForConditionalGeneration; validation and every measurement run it without the curriculum.
+
+Informative scoring attention (on by default): an auxiliary loss (`--attention-target share
+--attention-target-weight 1`) pulls the last prompt position's layer-1 image attention — what FastV at K=2 scores —
+onto the shape's patches, and the CLIP tower has one layer (`--vision-layers 1`), so its features are the patch
+embeddings and the colour stays in the shape's patches.
 
 Training is deterministic for a given seed, thread count and machine: `torch.manual_seed`, a seeded data order,
 and questions regenerated from their own seeds.
@@ -53,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     parser.add_argument("--train-seed", type=int, default=synthetic.TRAIN_SEED, help="seed of the training questions")
     parser.add_argument("--num-train", type=int, default=12000, help="training questions (generated in memory)")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=50)
@@ -66,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-kv-heads", type=int, default=2)
     parser.add_argument("--vision-hidden-size", type=int, default=64)
-    parser.add_argument("--vision-layers", type=int, default=3, help="the last one is unused (feature layer -2)")
+    parser.add_argument("--vision-layers", type=int, default=1,
+                        help="CLIP layers; the last one is unused (feature layer -2), so 1 makes the features the "
+                             "patch embeddings: no mixing among patches before the decoder")
     parser.add_argument("--option-order", default=synthetic.DEFAULT_RECIPE.option_order,
                         choices=["fixed", "sorted", "shuffled"], help="synthetic.Recipe.option_order of the training set")
     parser.add_argument("--grid", default="x".join(map(str, synthetic.DEFAULT_RECIPE.grid)),
@@ -90,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="share: -log(image attention mass on the object); cover: cross-entropy of the image "
                              "attention against a uniform distribution over the object's patches (every object patch "
                              "above the background, as a top-R selection needs)")
-    parser.add_argument("--attention-target-weight", type=float, default=0.0, metavar="W",
+    parser.add_argument("--attention-target-weight", type=float, default=1.0, metavar="W",
                         help="auxiliary loss W * -log(share of the last prompt position's image attention on the "
                              "object's patches) in --attention-target-layer (see AttentionTarget); 0: none")
     parser.add_argument("--attention-target-layer", type=int, default=1,
@@ -105,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--position-init", default="sincos", choices=["sincos", "random"],
                         help="initial CLIP patch position embeddings (see init_position_embeddings)")
     parser.add_argument("--num-validation", type=int, default=100, help="held-out questions for progress checks")
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation checks (0: never)")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between validation checks (0: never)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (the timing and, in the last digits, the weights depend on it)")
     parser.add_argument("--device", default="cpu")

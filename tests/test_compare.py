@@ -352,7 +352,7 @@ def test_results_of_the_embedded_model_say_what_its_numbers_mean(results, capsys
     _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed")
     lines = out.splitlines()
     assert set(lines[13]) == {"-"} and lines[14].startswith("Embedded toy model (models/tiny-llava-scienceqa): ")
-    assert "lose to random" in " ".join(lines) and "not LLaVA (docs/embedded_demo.md)" in " ".join(lines)
+    assert "reads the picture only in layers 2-3" in " ".join(lines) and "not LLaVA (docs/embedded_demo.md)" in " ".join(lines)
     _, out, _ = run_cli(capsys, "--results-dir", results, "--allow-mixed", "--format", "json")
     report = json.loads(out)
     assert report["embedded_model"] and report["notes"][0] == compare.EMBEDDED_NOTE

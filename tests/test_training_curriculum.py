@@ -250,7 +250,8 @@ def test_two_training_steps_save_a_plain_llava_with_its_record(tmp_path):
     info = json.loads((output / "training_info.json").read_text())
     assert info["swap_image_layers"] == 2 and info["steps"] == 2 and info["shapes"]["image_tokens"] == 576
     assert {"validation_first_token_accuracy", "validation_rank0_first_token_accuracy"} <= set(info["history"][-1])
-    assert info["swap_mode"] == "picture" and info["attention_target"]["weight"] == 0.0
+    assert info["swap_mode"] == "picture" and info["attention_target"] == {"kind": "share", "weight": 1.0, "layer": 1,
+                                                                   "read_layers": []}
     model = LlavaForConditionalGeneration.from_pretrained(output)
     assert model.config.text_config.num_hidden_layers == 3
 

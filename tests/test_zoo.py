@@ -11,6 +11,7 @@ import torch
 import fastv_reference as ref
 from fastv_advanced import apply_pruning, build_method
 from test_pruning import PROMPTS, logits, make_inputs, tiny  # noqa: F401  (fixture)
+from fastv_advanced.tiny import build_config, build_model, build_processor, build_tokenizer
 
 NUM_IMAGE, SIDE = 64, 8
 
@@ -188,7 +189,9 @@ def test_grid_methods_refuse_a_non_square_image():
 
 
 def visionzip_reference(model, inputs, dominant, contextual) -> torch.Tensor:
-    """VisionZip written out on an eager copy of the vision tower: [batch, D + C, hidden] language-model inputs."""
+    """VisionZip written out on an eager copy of the vision tower: [batch, D + C, hidden] language-model inputs.
+    The features are `hidden_states[-2]`; the [CLS] attention and keys are those of the layer that produced them,
+    or, on a one-layer tower (features = patch embeddings), of the first layer, which reads them."""
     import copy
 
     reference = copy.deepcopy(model)
@@ -196,11 +199,13 @@ def visionzip_reference(model, inputs, dominant, contextual) -> torch.Tensor:
     tower = reference.model.vision_tower
     with torch.no_grad():
         out = tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
-        layer = getattr(tower, "vision_model", tower).encoder.layers[-2]
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        index = -2 if len(layers) > 1 else 0  # the attention layer: producer of the features, or their reader
+        layer = layers[index]
         heads = layer.self_attn.num_heads
-        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index - 1 if index < 0 else 0]))
         keys = keys.view(*keys.shape[:2], heads, -1).mean(dim=2)  # [batch, T, d]
-        attention, hidden = out.attentions[-2], out.hidden_states[-2]  # [batch, heads, T, T], [batch, T, width]
+        attention, hidden = out.attentions[index], out.hidden_states[-2]  # [batch, heads, T, T], [batch, T, width]
         rows = []
         for b in range(hidden.shape[0]):
             cls = [float(sum(attention[b, h, 0, j] for h in range(heads))) for j in range(hidden.shape[1])]
@@ -220,9 +225,20 @@ def visionzip_reference(model, inputs, dominant, contextual) -> torch.Tensor:
         return reference.model.multi_modal_projector(torch.stack(rows))
 
 
+@pytest.fixture(scope="module")
+def one_layer_tower():
+    """A tiny LLaVA whose CLIP has one layer: feature layer -2 is the patch embeddings (the embedded model's tower)."""
+    tokenizer = build_tokenizer()
+    processor = build_processor(image_size=32, patch_size=4, tokenizer=tokenizer)
+    model = build_model(build_config(tokenizer, num_layers=4, num_heads=4, num_kv_heads=2, vision_layers=1), seed=0,
+                        qk_scale=8.0)
+    return model, processor, ref.eager_copy(model)
+
+
 @pytest.mark.parametrize("rows", [1, 2])
-def test_visionzip_equals_a_shorter_prompt_of_its_tokens(tiny, rows):
-    model, processor, eager = tiny
+@pytest.mark.parametrize("tower", ["tiny", "one_layer_tower"])
+def test_visionzip_equals_a_shorter_prompt_of_its_tokens(tower, rows, request):
+    model, processor, eager = request.getfixturevalue(tower)
     inputs = make_inputs(processor, PROMPTS[:rows], seeds=[29, 30][:rows])
     selections, out_logits, _, generated = run(model, build_method("visionzip", {"dominant": "8", "contextual": "4"}),
                                                inputs)

@@ -147,13 +147,30 @@ class LlavaAdapter:
                 + ("anyres tiles with newline tokens" if self.model_type == "llava_next" else
                    "SigLIP patches without a [CLS] token")
             )
-        feature_layer = self.model.config.vision_feature_layer
-        if not isinstance(feature_layer, int) or feature_layer == 0:
-            raise ValueError(f"vision_feature_layer={feature_layer!r}: methods that read the vision tower need one "
-                             "encoder layer")
+        index = self._vision_feature_index()
+        return self._vision_layers()[max(index - 1, 0)]
+
+    def vision_reads_layer_input(self) -> bool:
+        """Whether the projector reads the select layer's input rather than its output: when the features are the
+        patch embeddings (`hidden_states[0]`, e.g. feature layer -2 of a one-layer tower) no attention layer
+        produced them, so the [CLS] attention is that of the first encoder layer, the one that reads them."""
+        return self._vision_feature_index() == 0
+
+    def _vision_layers(self):
         tower = self.vlm.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        return layers[feature_layer if feature_layer < 0 else feature_layer - 1]
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def _vision_feature_index(self) -> int:
+        """The index into the tower's `hidden_states` (0: embeddings, i: output of layer i - 1) the projector reads."""
+        feature_layer = self.model.config.vision_feature_layer
+        num_layers = len(self._vision_layers())
+        if not isinstance(feature_layer, int):
+            raise ValueError(f"vision_feature_layer={feature_layer!r}: methods that read the vision tower need one "
+                             "feature layer")
+        index = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"vision_feature_layer={feature_layer} is outside the tower's {num_layers} layers")
+        return index
 
     def vision_features(self, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
         """The select layer's [CLS] attention row and head-mean keys, from its input [batch, T, width] (CLIP: a

@@ -52,9 +52,9 @@ MIN_SPREAD_SAMPLES = 5
 
 
 EMBEDDED_NOTE = (
-    "Embedded toy model (models/tiny-llava-scienceqa): trained so that its layers 0-1 read another question's "
-    "picture, the early-layer attention FastV scores says little about this picture and the attention-based "
-    "strategies lose to random; these numbers check the tools, not LLaVA (docs/embedded_demo.md)."
+    "Embedded toy model (models/tiny-llava-scienceqa): a 4-layer decoder that reads the picture only in layers 2-3, "
+    "with layer 1's attention trained towards the shape; these numbers check the tools, not LLaVA "
+    "(docs/embedded_demo.md)."
 )
 
 

@@ -9,6 +9,10 @@ joins its most similar target, and a contextual token is the target's output plu
 The language model receives [dominant, contextual] through the projector: `dominant + contextual` image tokens
 (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30), contiguous positions. They take the first image slots; the kept
 indices reported are those slots, the scores are the patches' [CLS] attention.
+
+Where the features are the patch embeddings (feature layer -2 of a one-layer tower, as in the embedded demo model) no
+attention layer produced them; the [CLS] attention and keys are then those of the first encoder layer, the one that
+reads the features — a fallback the official code never meets (CLIP ViT-L has 24 layers).
 """
 
 from __future__ import annotations
