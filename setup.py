@@ -27,13 +27,17 @@ setup(
             "fastv-visualize=fastv_advanced.cli.visualize:main",
             "fastv-merge-chunks=fastv_advanced.cli.merge_chunks:main",
             "fastv-convert=fastv_advanced.cli.convert:main",
-        ]
+        ],
+        # lmms-eval finds `--model fastv_llava` here (fastv_advanced/lmms_eval_model.py)
+        "lmms_eval.models": ["fastv_llava=fastv_advanced.lmms_eval_model:manifest"],
     },
     extras_require={
         # datasets (with pyarrow) installs in seconds: the HF-datasets tests run in CI.
         "test": ["pytest>=8", "accelerate>=1.0", "datasets>=2.18"],
         "plot": ["matplotlib>=3.7"],
         "accelerate": ["accelerate>=1.0"],
-        "hf": ["datasets>=2.18"],  # --hf-dataset: ScienceQA from HF datasets (lmms-lab/ScienceQA, derek-thomas/...)
+        "hf": ["datasets>=2.18"],
+        # the version the plugin is tested with; it requires torchvision, whose wheel must match your torch build
+        "lmms-eval": ["lmms-eval==0.7.3"],  # --hf-dataset: ScienceQA from HF datasets (lmms-lab/ScienceQA, derek-thomas/...)
     },
 )
