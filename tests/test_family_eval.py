@@ -119,3 +119,14 @@ def test_unsupported_model_type_names_the_supported_families(tmp_path, capsys):
     assert code != 0
     message = capsys.readouterr().err
     assert "blip-2" in message and "qwen2_5_vl" in message and "llava_next" in message
+
+
+def test_flops_target_on_a_family_without_a_fixed_image_token_count_says_why(family_dirs, tmp_path, capsys):
+    from fastv_advanced.cli import sweep
+
+    code = sweep.main(["--model-path", str(family_dirs / "qwen2_5_vl"), "--question-file", str(QUESTIONS),
+                       "--image-folder", str(IMAGES), "--pruning-method", "fastv", "--flops-target", "0.5",
+                       "--num-samples", "2", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert code != 0
+    message = capsys.readouterr().err
+    assert "fixed number of image tokens" in message and "keep_ratio" in message

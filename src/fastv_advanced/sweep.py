@@ -89,7 +89,10 @@ class MethodGrid:
         if not self.flops_targets:
             return methods
         if cost is None:
-            raise ValueError("--flops-target needs the model's shape, which could not be read from its config")
+            raise ValueError("--flops-target needs the model's decoder shape and a fixed number of image tokens per "
+                             "image, read from its config (LLaVA-1.5, Gemma 3); anyres and Qwen-VL models make "
+                             "a number that depends on the image's size: give the budget as a ratio instead (e.g. "
+                             "--pruning-param keep_ratio=...)")
         return [solve_budget(m, t, cost.shape, cost.num_tokens, cost.num_image_tokens)
                 for m in methods for t in self.flops_targets]
 
