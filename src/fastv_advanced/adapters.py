@@ -150,12 +150,6 @@ class LlavaAdapter:
         index = self._vision_feature_index()
         return self._vision_layers()[max(index - 1, 0)]
 
-    def vision_reads_layer_input(self) -> bool:
-        """Whether the projector reads the select layer's input rather than its output: when the features are the
-        patch embeddings (`hidden_states[0]`, e.g. feature layer -2 of a one-layer tower) no attention layer
-        produced them, so the [CLS] attention is that of the first encoder layer, the one that reads them."""
-        return self._vision_feature_index() == 0
-
     def _vision_layers(self):
         tower = self.vlm.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
@@ -174,7 +168,10 @@ class LlavaAdapter:
 
     def vision_features(self, inputs: torch.Tensor, outputs: torch.Tensor) -> VisionFeatures:
         """The select layer's [CLS] attention row and head-mean keys, from its input [batch, T, width] (CLIP: a
-        pre-norm `layer_norm1`, `self_attn.q_proj/k_proj`, [CLS] first), with its output [batch, T, width]."""
+        pre-norm `layer_norm1`, `self_attn.q_proj/k_proj`, [CLS] first), with the features the projector reads
+        [batch, T, width]: the layer's output, or its input where the features are the patch embeddings
+        (`hidden_states[0]`, e.g. feature layer -2 of a one-layer tower: no attention layer produced them, so the
+        [CLS] attention is that of the first encoder layer, the one that reads them)."""
         layer = self.vision_select_layer()
         attention = layer.self_attn
         batch, tokens, width = inputs.shape
@@ -183,7 +180,8 @@ class LlavaAdapter:
         query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [batch, heads, 1, d]
         keys = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # [batch, heads, T, d]
         logits = (query.float() @ keys.float().transpose(-1, -2))[:, :, 0] * attention.scale  # [batch, heads, T]
-        return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=outputs)
+        features = inputs if self._vision_feature_index() == 0 else outputs
+        return VisionFeatures(cls_attention=logits.softmax(dim=-1), keys=keys.mean(dim=1), hidden_states=features)
 
     def project_image_features(self, features: torch.Tensor) -> torch.Tensor:
         """The projector: vision features [batch, T, width] -> language-model inputs [batch, T, hidden]."""
@@ -248,6 +246,11 @@ class Gemma3Adapter(LlavaAdapter):
 
 
 ADAPTERS = (LlavaAdapter, QwenVLAdapter, Gemma3Adapter)
+
+
+def supported_model_types() -> list[str]:
+    """The `config.json` model types an adapter handles, in the order of `ADAPTERS`."""
+    return [model_type for adapter in ADAPTERS for model_type in adapter.families]
 
 
 def supported_families() -> list[str]:

@@ -14,7 +14,7 @@ Each request is the task's text (lmms-eval's `doc_to_text`, e.g. scienceqa_img's
 instruction) with its images: LLaVA-1.5 wraps it in the guide's vicuna_v1 prompt with `<image>` first, the other
 families in their chat template, both through `prompting.prompts_for` as the project's own evaluation does. Greedy
 decoding (or sampling with the task's temperature), one request per `generate`, the pruning hooks installed for the
-whole call, each request reseeded from its document id.
+whole call, each request reseeded from its task and document id (`run_loop.sample_seed`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .methods import build_method
 from .model_loading import load_model
 from .prompting import pad_token_id_of, prompts_for
 from .run_config import RunConfig
+from .run_loop import device_inputs, sample_seed
 
 MODEL_ID = "fastv_llava"
 _OWN_ARGUMENTS = {"batch_size", "device", "dtype", "max_batch_size"}
@@ -74,7 +75,7 @@ class FastVLlava(lmms):
                                      "request is supported")
                 image = images[0] if images else None
                 if pruner is not None:
-                    pruner.reseed(int(self.run_config.seed) * 1_000_003 + int(doc_id))
+                    pruner.reseed(sample_seed(self.run_config.seed, f"{task}/{doc_id}"))
                 answer = self._generate(context, image, dict(gen_kwargs))
                 answers.append(answer)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
@@ -86,11 +87,8 @@ class FastVLlava(lmms):
     def _generate(self, context: str, image, gen_kwargs: dict) -> str:
         """One answer: the prompt built around `context` (with `image`, or text only), decoded up to the first
         `until` string."""
-        prompt, ids = self.prompts.token_ids(context, image, image is not None)
-        inputs, _ = self.prompts.batch([(prompt, ids)], [image])
-        inputs = {key: value.to(self.device) for key, value in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        _, _, inputs = self.prompts.encode(context, image, image is not None)
+        inputs = device_inputs(inputs, self.device, self.dtype)
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)

@@ -24,8 +24,9 @@ from types import SimpleNamespace
 
 import torch
 
+from .adapters import supported_model_types
 from .flops import DecoderShape
-from .processors import PROCESSOR_CLASSES, load_processor
+from .processors import load_processor
 from .prompting import fixed_image_tokens
 
 
@@ -130,21 +131,21 @@ def inspect_model_path(model_path: str) -> ModelSpec:
             f"--model-path {model_path} is not a local folder and cannot be loaded from the hub or the local "
             f"Hugging Face cache ({type(exc).__name__}: {exc}). Download it first, then pass the local folder."
         ) from exc
-    return _transformers_spec(model_path, model_path, config, local=False)
+    check_family(model_path, config.model_type)
+    return _transformers_spec(model_path, config, local=False)
 
 
 def check_family(model_path: str, model_type: str | None) -> None:
     """ValueError naming the supported families when `model_type` is not one of them."""
-    if model_type not in PROCESSOR_CLASSES:
+    if model_type not in supported_model_types():
         raise ValueError(
             f"--model-path {model_path}: model_type {model_type!r} is not supported; supported families: "
-            f"{', '.join(PROCESSOR_CLASSES)}"
+            f"{', '.join(supported_model_types())}"
         )
 
 
-def _transformers_spec(model_path: str, resolved: str, config, local: bool) -> ModelSpec:
-    """The `ModelSpec` of a transformers-format checkpoint whose config is `config`."""
-    check_family(model_path, config.model_type)
+def _transformers_spec(resolved: str, config, local: bool) -> ModelSpec:
+    """The `ModelSpec` of a transformers-format checkpoint of a supported family whose config is `config`."""
     return ModelSpec(
         resolved, "transformers", local, config.text_config.num_hidden_layers, fixed_image_tokens(config),
         decoder_shape=DecoderShape.from_text_config(config.text_config), model_type=config.model_type,
@@ -180,7 +181,7 @@ def _inspect_folder(model_path: str, path: Path) -> ModelSpec:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
         raise ValueError(f"--model-path {model_path}: config.json cannot be read as a "
                          f"{config.get('model_type')} config: {exc}") from exc
-    return _transformers_spec(model_path, str(path.resolve()), parsed, local=True)
+    return _transformers_spec(str(path.resolve()), parsed, local=True)
 
 
 def _flat_decoder_shape(config: dict) -> DecoderShape | None:

@@ -130,23 +130,29 @@ def chat_prompt(question: str, has_image: bool, single_pred_prompt: bool, proces
 
 
 class GuidePrompts:
-    """LLaVA-1.5 prompts as the guide's protocol builds them: a question's token ids are known without its image."""
+    """LLaVA-1.5 prompts as the guide's protocol builds them (`run_config`'s single_pred_prompt, conv_mode and
+    image_aspect_ratio): a question's token ids are known without its image."""
 
     needs_image = False
 
-    def __init__(self, processor, model_config, single_pred_prompt: bool, conv_mode: str, image_aspect_ratio: str):
-        self.processor, self.model_config = processor, model_config
-        self.single_pred_prompt, self.conv_mode, self.image_aspect_ratio = single_pred_prompt, conv_mode, \
-            image_aspect_ratio
+    def __init__(self, processor, model_config, run_config):
+        self.processor, self.model_config, self.run_config = processor, model_config, run_config
 
     def token_ids(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int]]:
         """(prompt, token ids with the image tokens expanded); `image` is not needed (it may be None)."""
-        return prompt_token_ids(question, has_image, self.processor, self.model_config, self.single_pred_prompt,
-                                self.conv_mode)
+        config = self.run_config
+        return prompt_token_ids(question, has_image, self.processor, self.model_config, config.single_pred_prompt,
+                                config.conv_mode)
+
+    def encode(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int], dict]:
+        """(prompt, token ids, one-row model inputs) of one question with its image."""
+        prompt, ids = self.token_ids(question, image, has_image)
+        inputs, _ = self.batch([(prompt, ids)], [image])
+        return prompt, ids, inputs
 
     def batch(self, rows: list[tuple[str, list[int]]], images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
         """The left-padded model inputs of `rows` ((prompt, ids) each) with their images, and each row's padding."""
-        inputs = [model_inputs(ids, image, self.processor, self.image_aspect_ratio)
+        inputs = [model_inputs(ids, image, self.processor, self.run_config.image_aspect_ratio)
                   for (_, ids), image in zip(rows, images)]
         return batch_inputs(inputs, pad_token_id_of(self.processor.tokenizer))
 
@@ -157,13 +163,19 @@ class ChatPrompts:
 
     needs_image = True
 
-    def __init__(self, processor, single_pred_prompt: bool):
-        self.processor, self.single_pred_prompt = processor, single_pred_prompt
+    def __init__(self, processor, run_config):
+        self.processor, self.run_config = processor, run_config
 
     def token_ids(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int]]:
-        prompt = chat_prompt(question, has_image, self.single_pred_prompt, self.processor)
+        """(prompt, token ids with the image tokens expanded for `image`'s size)."""
+        prompt, ids, _ = self.encode(question, image, has_image)
+        return prompt, ids
+
+    def encode(self, question: str, image: Image.Image | None, has_image: bool) -> tuple[str, list[int], dict]:
+        """(prompt, token ids, one-row model inputs) of one question with its image: the processor runs once."""
+        prompt = chat_prompt(question, has_image, self.run_config.single_pred_prompt, self.processor)
         inputs, _ = self.batch([(prompt, [])], [image])
-        return prompt, inputs["input_ids"][0].tolist()
+        return prompt, inputs["input_ids"][0].tolist(), inputs
 
     def batch(self, rows: list[tuple[str, list[int]]], images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
         """The processor's left-padded inputs of the prompts of `rows` with `images` (all None: text only)."""
@@ -181,9 +193,8 @@ class ChatPrompts:
 def prompts_for(model_config, processor, run_config) -> GuidePrompts | ChatPrompts:
     """The prompt builder of a run: the guide's LLaVA-1.5 protocol for `llava`, the chat template otherwise."""
     if model_config.model_type == "llava":
-        return GuidePrompts(processor, model_config, run_config.single_pred_prompt, run_config.conv_mode,
-                            run_config.image_aspect_ratio)
-    return ChatPrompts(processor, run_config.single_pred_prompt)
+        return GuidePrompts(processor, model_config, run_config)
+    return ChatPrompts(processor, run_config)
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

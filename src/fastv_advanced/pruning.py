@@ -270,7 +270,6 @@ class Pruner:
         """Capture the vision tower's select layer whenever it runs: `generate` may encode the image before the
         prompt module's forward starts. The next stage that reads it takes it."""
         layer = self.adapter.vision_select_layer()
-        features_are_input = self.adapter.vision_reads_layer_input()
         captured = {}
 
         def inputs(module, args, kwargs):
@@ -278,8 +277,7 @@ class Pruner:
 
         def outputs(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            layer_input = captured.pop("input")
-            self._vision = self.adapter.vision_features(layer_input, layer_input if features_are_input else hidden)
+            self._vision = self.adapter.vision_features(captured.pop("input"), hidden)
 
         self._handles += [layer.register_forward_pre_hook(inputs, with_kwargs=True), layer.register_forward_hook(outputs)]
 

@@ -102,8 +102,8 @@ def run_sample(ctx: SampleContext, question: Question, warmup: bool) -> dict:
     if question.error is not None:
         raise SampleError(question.error)
     image = load_image(ctx.image_folder, question)
-    planned = _plan_question(ctx, question, image)
-    records, _ = run_batch(ctx, [planned], [image], warmup)
+    prompt, ids, inputs = ctx.prompts.encode(question.text, image, question.image is not None)
+    records, _ = _run_inputs(ctx, [_planned(ctx, question, prompt, ids)], inputs, [0], warmup)
     return records[0]
 
 
@@ -122,8 +122,7 @@ class PlannedQuestion:
         return self.question.image is not None
 
 
-def _plan_question(ctx: SampleContext, question: Question, image) -> PlannedQuestion:
-    prompt, ids = ctx.prompts.token_ids(question.text, image, question.image is not None)
+def _planned(ctx: SampleContext, question: Question, prompt: str, ids: list[int]) -> PlannedQuestion:
     image_token_id = ctx.model.config.image_token_id
     return PlannedQuestion(question, prompt, ids, sum(1 for token in ids if token == image_token_id))
 
@@ -145,7 +144,8 @@ def plan_questions(ctx: SampleContext, questions: list[Question], on_error=None)
                     raise
                 on_error(question, exc)
                 continue
-        planned.append(_plan_question(ctx, question, image))
+        prompt, ids = ctx.prompts.token_ids(question.text, image, question.image is not None)
+        planned.append(_planned(ctx, question, prompt, ids))
     return planned
 
 
@@ -179,11 +179,23 @@ def run_batch(ctx: SampleContext, batch: list[PlannedQuestion], images: list, wa
     pruner chooses each row's tokens; the generator randomised methods use is seeded with the first row's seed
     only, so for such a method only a batch of one matches `run_sample` (`run_questions` then goes one at a time).
     """
-    config = ctx.run_config
     inputs, pads = ctx.prompts.batch([(item.prompt, item.ids) for item in batch], images)  # tokenized when planned
-    inputs = {k: v.to(ctx.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(ctx.dtype)
+    return _run_inputs(ctx, batch, inputs, pads, warmup)
+
+
+def device_inputs(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+    """Model inputs on `device`, with `pixel_values` in the model's `dtype`."""
+    moved = {key: value.to(device) for key, value in inputs.items()}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved
+
+
+def _run_inputs(ctx: SampleContext, batch: list[PlannedQuestion], inputs: dict, pads: list[int],
+                warmup: bool) -> tuple[list[dict], bool]:
+    """`run_batch` on inputs already built (`input_ids` [B, S], ...; `pads` left padding per row)."""
+    config = ctx.run_config
+    inputs = device_inputs(inputs, ctx.device, ctx.dtype)
     seeds = [sample_seed(config.seed, item.question.id) for item in batch]
     state = None
     if ctx.pruner is not None:
