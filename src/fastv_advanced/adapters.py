@@ -83,7 +83,16 @@ class LlavaAdapter:
         return 0
 
     def check_prompt(self, seq_len: int) -> None:
-        """ValueError when a prompt of `seq_len` tokens cannot be pruned on this model."""
+        """ValueError when a prompt of `seq_len` tokens cannot be pruned on this model: a decoder with sliding-window
+        layers (Gemma 3, a Mistral decoder with `sliding_window` set) takes prompts shorter than the window only."""
+        window = getattr(self.text_config, "sliding_window", None)
+        layer_types = getattr(self.text_config, "layer_types", None)
+        sliding = layer_types is None or "sliding_attention" in layer_types
+        if window and sliding and seq_len >= window:
+            raise ValueError(
+                f"{self.family}: the prompt has {seq_len} tokens, not fewer than sliding_window={window}; the "
+                "sliding layers' caches then drop entries by count and pruning cannot line up with them"
+            )
 
     # -- attention --------------------------------------------------------------------------------------------
 
@@ -227,15 +236,7 @@ class Gemma3Adapter(LlavaAdapter):
         super().__init__(model)
         if getattr(self.text_config, "attn_logit_softcapping", None):
             raise ValueError("Gemma 3 with attn_logit_softcapping is not supported: the scored attention would differ")
-        self.sliding_window = getattr(self.text_config, "sliding_window", None)
         self.layer_types = getattr(self.text_config, "layer_types", None) or ["full_attention"] * len(self.layers)
-
-    def check_prompt(self, seq_len: int) -> None:
-        if self.sliding_window and seq_len >= self.sliding_window:
-            raise ValueError(
-                f"Gemma 3: the prompt has {seq_len} tokens, not fewer than sliding_window={self.sliding_window}; "
-                "the sliding layers' caches then drop entries by count and pruning cannot line up with them"
-            )
 
     def position_embeddings(self, layer: int, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         return self.text_model.rotary_emb(hidden_states, position_ids, self.layer_types[layer])

@@ -20,6 +20,7 @@ from transformers import (
     Gemma3Config,
     Gemma3ImageProcessorPil,
     LlamaConfig,
+    MistralConfig,
     LlavaNextConfig,
     LlavaNextImageProcessorPil,
     LlavaOnevisionConfig,
@@ -87,15 +88,19 @@ def _vision(kind: type, **extra):
     return kind(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **extra)
 
 
-def _config_and_processor(model_type: str):
+def _config_and_processor(model_type: str, decoder: str | None = None):
     tokenizer = _tokenizer(model_type)
     token = tokenizer.convert_tokens_to_ids
     template = _TEMPLATES["qwen" if model_type.startswith("qwen") else model_type]
     cls = processor_class(model_type)
     if model_type == "llava_next":
+        if decoder not in (None, "llama", "mistral"):
+            raise ValueError(f"LLaVA-NeXT decoder {decoder!r}: choose llama (Vicuna) or mistral")
+        text = (MistralConfig(**_text_config(tokenizer), sliding_window=4096) if decoder == "mistral"
+                else LlamaConfig(**_text_config(tokenizer)))
         config = LlavaNextConfig(
             vision_config=_vision(CLIPVisionConfig, image_size=336, patch_size=14, projection_dim=32),
-            text_config=LlamaConfig(**_text_config(tokenizer)), image_grid_pinpoints=_PINPOINTS,
+            text_config=text, image_grid_pinpoints=_PINPOINTS,
             image_token_id=token("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-2)
         image_processor = LlavaNextImageProcessorPil(
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=_PINPOINTS,
@@ -153,14 +158,17 @@ def _config_and_processor(model_type: str):
                         image_seq_length=576)
     else:
         raise ValueError(f"no tiny model for {model_type!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    if decoder is not None and model_type != "llava_next":
+        raise ValueError(f"only llava_next takes a decoder choice, not {model_type}")
     return config, processor
 
 
-def build_tiny_family(model_type: str, seed: int = 0, qk_scale: float = 4.0):
+def build_tiny_family(model_type: str, seed: int = 0, qk_scale: float = 4.0, decoder: str | None = None):
     """(model, processor): a tiny random model of `model_type` (one of `TINY_FAMILIES`) in eval mode with SDPA, and
     its processor. The decoder's `q_proj`/`k_proj` are scaled by `qk_scale` (sharper attention than random init,
-    so token rankings are not float-rounding ties)."""
-    config, processor = _config_and_processor(model_type)
+    so token rankings are not float-rounding ties). `decoder` "mistral" gives LLaVA-NeXT a Mistral decoder (as
+    llava-v1.6-mistral-7b) instead of the Llama (Vicuna) one."""
+    config, processor = _config_and_processor(model_type, decoder)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
