@@ -131,8 +131,9 @@ def test_batches_group_by_kind_and_length_deterministically():
     assert [[i.question.id for i in b] for b in plan_batches(items, 1)] == [[i] for i in "bdeac"] + [["t1"], ["t2"]]
 
 
-def test_batches_hold_one_image_token_count():
-    """Anyres / dynamic-resolution families: rows of one batch have the same number of image tokens."""
+def test_batches_sort_by_image_token_count():
+    """Anyres / dynamic-resolution families: rows of one batch may differ in image tokens; similar counts go
+    together, most first."""
     def planned(qid, length, num_image):
         return PlannedQuestion(Question(id=qid, index=0, text="", label="A", image=f"{qid}.png"), "",
                                [0] * length, num_image)
@@ -140,7 +141,9 @@ def test_batches_hold_one_image_token_count():
     items = [planned("a", 700, 600), planned("b", 690, 576), planned("c", 650, 600), planned("d", 640, 576),
              planned("e", 800, 729)]
     ids = [[item.question.id for item in batch] for batch in plan_batches(items, 4)]
-    assert ids == [["e"], ["a", "c"], ["b", "d"]]
+    assert ids == [["e", "a", "c", "b"], ["d"]]
+    assert [[item.question.id for item in batch] for batch in plan_batches(items, 2)] == [["e", "a"], ["c", "b"],
+                                                                                         ["d"]]
 
 
 def test_batch_inputs_pad_on_the_left_and_stack_images():

@@ -130,3 +130,38 @@ def test_flops_target_on_a_family_without_a_fixed_image_token_count_says_why(fam
     assert code != 0
     message = capsys.readouterr().err
     assert "fixed number of image tokens" in message and "keep_ratio" in message
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_batched_run_on_pictures_of_different_sizes(family, family_dirs, tmp_path):
+    """Pictures of four shapes give three or four image-token counts; one batch holds them all, each row keeps its own
+    quarter, and every record equals the one-question-at-a-time run."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for index, size in enumerate([(336, 336), (336, 200), (200, 336), (500, 220)], start=1):
+        (images / str(index)).mkdir(parents=True)
+        Image.open(IMAGES / str(index) / "image.png").convert("RGB").resize(size).save(images / str(index) / "image.png")
+    runs = {}
+    for batch_size in (4, 1):
+        out = tmp_path / f"batch{batch_size}"
+        code = eval_scivqa.main([
+            "--model-path", str(family_dirs / family), "--question-file", str(QUESTIONS), "--image-folder",
+            str(images), "--single-pred-prompt", "--pruning-method", "fastv", "--pruning-param", "agg_layer=2",
+            "--pruning-param", "keep_ratio=0.25", "--pruning-param", "token_selection_method=avg_all_heads",
+            "--num-samples", "4", "--max-new-tokens", "3", "--batch-size", str(batch_size), "--save-selection",
+            "--no-progress", "--output-dir", str(out)])
+        assert code == 0
+        (jsonl,) = out.glob("*.jsonl")
+        runs[batch_size] = [r for r in map(json.loads, jsonl.read_text().splitlines()) if r.get("type") == "sample"]
+    batched = {r["id"]: r for r in runs[4]}
+    counts = [r["num_image_tokens"] for r in runs[1]]
+    assert len(set(counts)) >= 3  # Qwen-VL resizes to a pixel budget: the two transposed shapes match
+    for single in runs[1]:
+        record = batched[single["id"]]
+        assert record["batch_size"] == 4
+        assert record["num_kept_image_tokens"] == round(0.25 * record["num_image_tokens"])
+        assert len(record["kept_image_indices"]) == record["num_kept_image_tokens"]
+        assert len(record["image_scores"]) == record["num_image_tokens"]
+        keys = ("output", "num_tokens", "num_image_tokens", "kept_image_indices", "kept_per_stage", "prefill_flops")
+        assert {k: record[k] for k in keys} == {k: single[k] for k in keys}

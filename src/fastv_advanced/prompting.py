@@ -269,7 +269,7 @@ def batch_inputs(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> tupl
 
     `input_ids` [B, S] (S = the longest prompt; shorter rows get `pad_token_id` on the left), `attention_mask`
     [B, S] (0 on the padding) and, when the rows have images, `pixel_values` [B, 3, H, W] stacked in row order.
-    Every row must have an image or none must (a pruned prefill needs the same number of image tokens per row).
+    Every row must have an image or none must (text-only batches run without pixel values).
     """
     with_image = ["pixel_values" in row for row in rows]
     if any(with_image) and not all(with_image):

@@ -22,6 +22,7 @@ takes every hook away.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -32,9 +33,10 @@ from packaging.version import Version
 
 from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
-from .methods.base import VisionFeatures
-from .selection import drop_tokens, gather_layer_inputs, gather_mask, image_attention, image_numbers
-from .selection import kept_image_tokens, last_query_attention, ordered_positions, query_rows_attention, rotated_keys
+from .methods.base import Choice, VisionFeatures
+from .selection import block_key_columns, drop_tokens, gather_layer_inputs, gather_mask, gather_rows, image_attention
+from .selection import image_numbers, kept_image_tokens, last_query_attention, ordered_positions, query_rows_attention
+from .selection import ragged_kept_sequence, rotated_keys
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -46,17 +48,24 @@ _ACTIVE_PRUNERS: "weakref.WeakKeyDictionary[torch.nn.Module, Pruner]" = weakref.
 class Selection:
     """The image tokens one stage kept at the last prefill.
 
+    In a batch whose rows hold different numbers of image tokens, each row has its own count: R and n are the
+    largest, a row's own entries come first and the rest are -1 (NaN for scores); `num_kept_per_row` and
+    `num_candidates_per_row` give the counts, `kept_in_row(row)` and `scores_in_row(row)` a row's own entries.
+
     kept_image_indices: LongTensor[batch, R], ascending, 0-based among each row's original image tokens.
     image_start: LongTensor[batch], sequence position (padding included) of each row's first image token.
     scores: FloatTensor[batch, n], the method's scores of the n image tokens present at this stage
         (`candidate_image_indices`), or None for a method that picks without scores.
     head_index: LongTensor[batch] for head-based choices, else None.
     kept_positions: LongTensor[batch, S'], original sequence positions of the tokens layers from `layer` on see
-        (all non-image tokens and the kept image tokens, ascending).
+        (all non-image tokens and the kept image tokens, ascending; plus `padding`).
     layer: the decoder layer before which this stage pruned.
     candidate_image_indices: LongTensor[batch, n], the original image indices the scores belong to.
     kept_image_numbers: LongTensor[batch, R], which image of the prompt (0-based, in prompt order; one image = one
         run of consecutive image tokens) each kept image token came from.
+    num_kept_per_row, num_candidates_per_row: per row, its kept and candidate image tokens.
+    padding: BoolTensor[batch, S'] when rows kept different numbers of tokens: the tokens of `kept_positions` that
+        only pad a row to the batch's length (dropped tokens kept physically but closed to attention), else None.
     """
 
     kept_image_indices: torch.Tensor
@@ -67,22 +76,41 @@ class Selection:
     layer: int
     candidate_image_indices: torch.Tensor
     kept_image_numbers: torch.Tensor
+    num_kept_per_row: list[int]
+    num_candidates_per_row: list[int]
+    padding: torch.Tensor | None = None
 
     @property
     def num_image_tokens(self) -> int:
+        """The most candidate image tokens of a row."""
         return self.candidate_image_indices.shape[-1]
 
     @property
     def num_kept(self) -> int:
+        """The most kept image tokens of a row (every row's count when they are equal)."""
         return self.kept_image_indices.shape[-1]
+
+    def kept_in_row(self, row: int) -> torch.Tensor:
+        """Row `row`'s kept image tokens, ascending: LongTensor[R_row]."""
+        return self.kept_image_indices[row, : self.num_kept_per_row[row]]
+
+    def scores_in_row(self, row: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row `row`'s (scores FloatTensor[n_row], candidate image indices LongTensor[n_row]), None without
+        scores of every candidate."""
+        count = self.num_candidates_per_row[row]
+        if self.scores is None or self.scores.shape[-1] != self.candidate_image_indices.shape[-1]:
+            return None
+        return self.scores[row, :count], self.candidate_image_indices[row, :count]
 
     def __repr__(self) -> str:
         batch = self.kept_image_indices.shape[0]
         heads = "" if self.head_index is None else f", head_index={self.head_index.tolist()}"
-        return (
-            f"Selection(layer={self.layer}, batch={batch}, kept {self.num_kept} of {self.num_image_tokens} image "
-            f"tokens, sequence {self.kept_positions.shape[-1]} tokens{heads})"
-        )
+        if len(set(self.num_kept_per_row)) > 1 or len(set(self.num_candidates_per_row)) > 1:
+            counts = f"kept {self.num_kept_per_row} of {self.num_candidates_per_row} image tokens per row"
+        else:
+            counts = f"kept {self.num_kept} of {self.num_image_tokens} image tokens"
+        return (f"Selection(layer={self.layer}, batch={batch}, {counts}, sequence {self.kept_positions.shape[-1]} "
+                f"tokens{heads})")
 
 
 @dataclass
@@ -98,11 +126,18 @@ class _Prompt:
     asked for them; position_offsets: LongTensor[batch, S_cur], how far each current token's position moved down
     where stages renumbered positions (None: no stage did); gathered: the layer inputs already gathered to the
     current tokens, by the identity of the model's full-length tensor (layers share them).
+
+    Rows with different numbers of image tokens (`ragged`): n and N are the largest counts, `counts` and
+    `original_counts` each row's own; a row's slots past its count point at the last position. `padding`
+    BoolTensor[batch, S_cur] marks dropped tokens kept only to give every row one length (`padding_counts` per
+    row); `position_shift` is then a LongTensor[batch, 1].
     """
 
     is_image: torch.Tensor
     num_image: int
     text_rows: int
+    counts: list[int]
+    original_counts: list[int]
     image_start: torch.Tensor
     image_positions: torch.Tensor
     image_indices: torch.Tensor
@@ -110,22 +145,35 @@ class _Prompt:
     original_image_positions: torch.Tensor
     image_numbers: torch.Tensor
     pruned: bool = False  # a stage has dropped tokens in this prefill
-    position_shift: int = 0  # tokens dropped so far by stages that renumber positions
+    position_shift: int | torch.Tensor = 0  # tokens dropped so far by stages that renumber positions
+    padding: torch.Tensor | None = None
+    padding_counts: list[int] | None = None
     position_offsets: torch.Tensor | None = None
     attention: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, heads, n]
     keys: dict = field(default_factory=dict)  # layer -> FloatTensor[batch, S_cur, kv_heads * head_dim], RoPE'd
     embeddings: torch.Tensor | None = None
     gathered: dict = field(default_factory=dict)
 
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.original_counts)) > 1
+
+    def valid_slots(self, counts: list[int], width: int) -> torch.Tensor:
+        """BoolTensor[batch, width]: which of `width` slots hold a row's own entries (the first `counts[row]`)."""
+        device = self.is_image.device
+        return torch.arange(width, device=device)[None] < torch.tensor(counts, device=device)[:, None]
+
 
 @dataclass
 class _Segment:
     """Layers from one stage to the next, for decode steps: `positions` LongTensor[batch, S_i], the original prompt
-    positions their cache holds, and `position_shift`, the tokens dropped with renumbering before the generated
-    ones."""
+    positions their cache holds, `position_shift` (int or LongTensor[batch, 1]), the tokens dropped with
+    renumbering before the generated ones, and `padding` BoolTensor[batch, S_i] (or None), the cached tokens
+    closed to attention."""
 
     positions: torch.Tensor
-    position_shift: int
+    position_shift: int | torch.Tensor
+    padding: torch.Tensor | None = None
 
 
 def _check_transformers_version() -> None:
@@ -344,36 +392,40 @@ class Pruner:
 
     def _find_image_tokens(self, input_ids: torch.Tensor, attention_mask) -> _Prompt | None:
         """The image tokens of a prompt [batch, S]; the only host sync of a prefill reads their counts, starts and
-        whether the last position is padding."""
+        whether the last position is padding or an image token."""
         is_image = input_ids == self.adapter.image_token_id  # [batch, S]
         counts = is_image.sum(dim=1)
         image_start = is_image.int().argmax(dim=1)
         padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         pads = (attention_mask == 0).sum(dim=1) if padded else torch.zeros_like(counts)
         right_padded = (attention_mask[:, -1] == 0).any().long()[None] if padded else counts.new_zeros(1)
-        values = torch.cat([counts, image_start - pads, image_start, right_padded]).tolist()
+        values = torch.cat([counts, image_start - pads, image_start, is_image[:, -1].long(), right_padded]).tolist()
         batch = input_ids.shape[0]
         counts_list, starts, padded_starts = values[:batch], values[batch : 2 * batch], values[2 * batch : 3 * batch]
         if max(counts_list) == 0:
             return None
-        if min(counts_list) != max(counts_list):
-            raise ValueError(
-                f"every row of a batch must hold the same number of image tokens to prune; got {counts_list} "
-                "(images of different sizes give different counts on anyres / dynamic-resolution models: batch "
-                "prompts with equal counts together, as the evaluation does, or run them one at a time)"
-            )
         if values[-1]:
             raise ValueError("pruning scores from the last prompt position and needs left padding "
                              "(padding_side='left')")
+        ends_with_image = [row for row in range(batch) if values[3 * batch + row]]
+        if min(counts_list) != max(counts_list) and ends_with_image:
+            raise ValueError(
+                f"rows {ends_with_image} end with an image token; a batch whose rows hold different numbers of image "
+                f"tokens ({counts_list}) needs text after the image in every row (or run the rows one at a time)"
+            )
         self.adapter.check_prompt(input_ids.shape[1])
-        self._check_image_span(starts, counts_list[0])
-        num_image, seq_len = counts_list[0], input_ids.shape[1]
+        with_image = [row for row in range(batch) if counts_list[row]]
+        self._check_image_span([starts[row] for row in with_image], counts_list[with_image[0]])
+        num_image, seq_len = max(counts_list), input_ids.shape[1]
         positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
-        image_positions = ordered_positions(is_image, num_image)
+        # a row's slots past its own count point at its last position, text in every row
+        image_positions = ordered_positions(is_image, num_image).clamp(max=seq_len - 1)
         return _Prompt(
             is_image=is_image,
             num_image=num_image,
-            text_rows=max(seq_len - start - num_image for start in padded_starts),
+            text_rows=max(seq_len - padded_starts[row] - counts_list[row] for row in with_image),
+            counts=counts_list,
+            original_counts=list(counts_list),
             image_start=image_start,
             image_positions=image_positions,
             image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
@@ -406,15 +458,24 @@ class Pruner:
         prompt, gathered = self._prompt, {}
         for name in ("attention_mask", "position_ids", "position_embeddings"):
             value = model_inputs.get(name)
-            if value is None:
+            blocks = name == "attention_mask" and prompt.padding is not None
+            if value is None and not blocks:
                 continue
             key = (name, id(value[0] if name == "position_embeddings" else value))
             if key not in prompt.gathered:
-                prompt.gathered[key] = (value, gather_layer_inputs(
+                result = None if value is None else gather_layer_inputs(
                     name, value, prompt.positions, prompt.position_offsets, model_inputs.get("position_ids"),
-                    lambda ids: self.adapter.position_embeddings(layer, value[0], ids)))
+                    lambda ids: self.adapter.position_embeddings(layer, value[0], ids))
+                if blocks:
+                    result = block_key_columns(result, prompt.padding, prompt.positions.shape[1], self._flash(layer))
+                prompt.gathered[key] = (value, result)
             gathered[name] = prompt.gathered[key][1]
         return gathered
+
+    def _flash(self, layer: int) -> bool:
+        """Whether layer `layer` runs FlashAttention (whose masks are 2D)."""
+        config = getattr(self.adapter.attention(layer), "config", None)
+        return "flash" in str(getattr(config, "_attn_implementation", ""))
 
     # -- a stage in prefill -----------------------------------------------------------------------------------
 
@@ -447,7 +508,10 @@ class Pruner:
         """BoolTensor[batch, Q]: which of the last Q positions come after each row's image block."""
         prompt = self._prompt
         window = torch.arange(seq_len - prompt.text_rows, seq_len, device=prompt.image_positions.device)
-        return window[None] > prompt.image_positions[:, -1:]
+        if not prompt.ragged:
+            return window[None] > prompt.image_positions[:, -1:]
+        last = torch.tensor([max(count - 1, 0) for count in prompt.counts], device=window.device)[:, None]
+        return window[None] > prompt.image_positions.gather(1, last)
 
     def _take_vision(self) -> VisionFeatures:
         vision, self._vision = self._vision, None
@@ -477,30 +541,107 @@ class Pruner:
             raise RuntimeError("pruning happens in a prefill that starts from an empty cache; this call continues a "
                                "cache with image tokens in the new input")
         inputs = self._stage_inputs(stage, hidden, kwargs)
-        choice = self.method.choose(stage_index, inputs)
-        top = kept_image_tokens(self.method, choice, hidden.shape[0], inputs.num_image_tokens)  # [batch, R]
-        hidden, kept, keep = drop_tokens(hidden, prompt.image_positions, top)
-        self._record(stage, choice, top, kept, keep)
+        if prompt.ragged:
+            choice, top, num_kept = self._choose_per_count(stage_index, inputs, hidden)
+            hidden, kept, keep, dropped = self._ragged_drop(hidden, top, num_kept)
+        else:
+            choice = self.method.choose(stage_index, inputs)
+            top = kept_image_tokens(self.method, choice, hidden.shape[0], inputs.num_image_tokens)  # [batch, R]
+            hidden, kept, keep = drop_tokens(hidden, prompt.image_positions, top)
+            dropped, num_kept = ~keep, [top.shape[1]] * top.shape[0]
+        self._record(stage, choice, top, kept, keep, dropped, num_kept)
         if choice.replacement is not None:
+            replacement = choice.replacement.to(hidden.dtype)  # [batch, R, hidden]
+            if prompt.ragged:  # unused slots point at the last position: write back its own hidden state
+                valid = prompt.valid_slots(num_kept, top.shape[1])[..., None]
+                replacement = torch.where(valid, replacement, hidden[:, -1:])
             index = prompt.image_positions[..., None].expand(-1, -1, hidden.shape[-1])
-            hidden = hidden.scatter(1, index, choice.replacement.to(hidden.dtype))
+            hidden = hidden.scatter(1, index, replacement)
         args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
         kwargs.update(self._prefill_inputs(stage.layer, model_inputs))
         return args, kwargs
 
-    def _record(self, stage: Stage, choice, top, kept, keep) -> None:
+    def _choose_per_count(self, stage_index: int, inputs: StageInputs, hidden: torch.Tensor):
+        """The method's choice for rows with different numbers of image tokens: one call per group of rows with the
+        same current and original counts (each sees a rectangular batch, so a ratio keeps each group its own share
+        and a fixed count is checked against each). Returns the merged `Choice` (scores [batch, n] NaN-padded,
+        `kept` [batch, R] 0-padded), `top` = its `kept`, and each row's kept count."""
+        prompt = self._prompt
+        batch, width = inputs.image_positions.shape
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, key in enumerate(zip(prompt.counts, prompt.original_counts)):
+            groups.setdefault(key, []).append(row)
+        chosen, num_kept = [], [0] * batch
+        for (count, original), rows in groups.items():
+            if count == 0:  # a row without image tokens (a text-only prompt in the batch)
+                continue
+            index = torch.tensor(rows, device=inputs.image_positions.device)
+            choice = self.method.choose(stage_index, _rows_of(inputs, index, count, original, self.method.name))
+            top = kept_image_tokens(self.method, choice, len(rows), count)
+            chosen.append((index, count, choice, top))
+            for row in rows:
+                num_kept[row] = top.shape[1]
+        device = inputs.image_positions.device
+        merged = Choice(kept=torch.zeros(batch, max(num_kept), dtype=torch.long, device=device))
+        for index, count, choice, top in chosen:
+            merged.kept[index, : top.shape[1]] = top
+            if choice.scores is not None and choice.scores.shape[1] == count:
+                if merged.scores is None:
+                    merged.scores = torch.full((batch, width), float("nan"), device=device)
+                merged.scores[index, :count] = choice.scores.float()
+            if choice.head_index is not None:
+                if merged.head_index is None:
+                    merged.head_index = torch.zeros(batch, dtype=torch.long, device=device)
+                merged.head_index[index] = choice.head_index
+        if any(choice.replacement is not None for _, _, choice, _ in chosen):
+            merged.replacement = hidden.new_zeros(batch, merged.kept.shape[1], hidden.shape[-1])
+            for index, count, choice, top in chosen:
+                replacement = choice.replacement
+                if replacement is None:  # this group's kept tokens as they are
+                    replacement = gather_rows(hidden[index], inputs.image_positions[index].gather(1, top), 1)
+                merged.replacement[index, : top.shape[1]] = replacement.to(hidden.dtype)
+        return merged, merged.kept, num_kept
+
+    def _ragged_drop(self, hidden: torch.Tensor, top: torch.Tensor, num_kept: list[int]):
+        """`drop_tokens` for rows keeping different numbers of image tokens (`num_kept`; `top` [batch, R] padded):
+        rows shorter than the longest keep some dropped tokens as padding closed to attention. Returns (hidden
+        [batch, S', hidden], kept [batch, S'], keep [batch, S_cur], dropped [batch, S_cur])."""
+        prompt = self._prompt
+        seq_len = hidden.shape[1]
+        valid = prompt.valid_slots(prompt.counts, prompt.image_positions.shape[1])
+        is_image = torch.zeros_like(prompt.is_image[:, :seq_len]).scatter_(1, prompt.image_positions, valid)
+        padding_counts = prompt.padding_counts or [0] * len(num_kept)
+        real_lengths = [seq_len - pad - count + kept
+                        for pad, count, kept in zip(padding_counts, prompt.counts, num_kept)]
+        kept, keep, dropped, padding = ragged_kept_sequence(
+            prompt.image_positions, is_image, prompt.padding, top, prompt.valid_slots(num_kept, top.shape[1]),
+            real_lengths)
+        prompt.padding = padding if padding.any() else None
+        prompt.padding_counts = [kept.shape[1] - length for length in real_lengths]
+        return gather_rows(hidden, kept, 1), kept, keep, dropped
+
+    def _record(self, stage: Stage, choice, top, kept, keep, dropped, num_kept: list[int]) -> None:
         """The drop of `top` [batch, R] among the current image tokens: `kept` [batch, S'] current positions kept,
-        `keep` BoolTensor[batch, S_cur]."""
+        `keep` BoolTensor[batch, S_cur] (padding included), `dropped` BoolTensor[batch, S_cur] the image tokens
+        dropped, `num_kept` each row's kept count."""
         prompt = self._prompt
         new_index = keep.long().cumsum(dim=1) - 1  # [batch, S_cur]: a kept token's place in the new sequence
         kept_image_positions = prompt.image_positions.gather(1, top)
-        candidates = prompt.image_indices
+        candidates, counts = prompt.image_indices, prompt.counts
+        if prompt.ragged:  # unused slots point at the last position, text in every row
+            valid = prompt.valid_slots(num_kept, top.shape[1])
+            kept_image_positions = kept_image_positions.masked_fill(~valid, keep.shape[1] - 1)
         prompt.image_indices = candidates.gather(1, top)
         prompt.image_positions = new_index.gather(1, kept_image_positions)
         prompt.positions = prompt.positions.gather(1, kept)
+        prompt.counts = num_kept
         if stage.compact_positions and self.adapter.renumbers_positions:
-            prompt.position_shift += candidates.shape[1] - top.shape[1]
-            dropped_before = (~keep).long().cumsum(dim=1).gather(1, kept)  # [batch, S']
+            if prompt.ragged:
+                removed = [count - kept_count for count, kept_count in zip(counts, num_kept)]
+                prompt.position_shift = prompt.position_shift + torch.tensor(removed, device=kept.device)[:, None]
+            else:
+                prompt.position_shift += candidates.shape[1] - top.shape[1]
+            dropped_before = dropped.long().cumsum(dim=1).gather(1, kept)  # [batch, S']
             offsets = prompt.position_offsets
             prompt.position_offsets = dropped_before + (0 if offsets is None else offsets.gather(1, kept))
         elif prompt.position_offsets is not None:
@@ -511,13 +652,19 @@ class Pruner:
             full_length = prompt.is_image.shape[1]
             self._layouts = {} if stage.layer == 0 else {full_length: None}
             self._layer0_length = prompt.positions.shape[1] if stage.layer == 0 else full_length
-        self._segments[stage.layer] = _Segment(prompt.positions, prompt.position_shift)
+        self._segments[stage.layer] = _Segment(prompt.positions, prompt.position_shift, prompt.padding)
         self._layouts[prompt.positions.shape[1]] = prompt.positions
         self._decode_cache = self._cache_ref
+        kept_indices, kept_numbers = prompt.image_indices, prompt.image_numbers.gather(1, prompt.image_indices)
+        if prompt.ragged:
+            unused = ~prompt.valid_slots(num_kept, top.shape[1])
+            kept_indices, kept_numbers = kept_indices.masked_fill(unused, -1), kept_numbers.masked_fill(unused, -1)
+            candidates = candidates.masked_fill(~prompt.valid_slots(counts, candidates.shape[1]), -1)
         selection = Selection(
-            kept_image_indices=prompt.image_indices, image_start=prompt.image_start, scores=choice.scores,
+            kept_image_indices=kept_indices, image_start=prompt.image_start, scores=choice.scores,
             head_index=choice.head_index, kept_positions=prompt.positions, layer=stage.layer,
-            candidate_image_indices=candidates, kept_image_numbers=prompt.image_numbers.gather(1, prompt.image_indices),
+            candidate_image_indices=candidates, kept_image_numbers=kept_numbers, num_kept_per_row=list(num_kept),
+            num_candidates_per_row=list(counts), padding=prompt.padding,
         )
         self.selections = ([] if stage is self.stages[0] else self.selections) + [selection]
 
@@ -534,13 +681,14 @@ class Pruner:
         segment = self._segments[self._segment_of[layer]]
         overrides = {}
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        if mask is not None or segment.padding is not None:
             key = ("attention_mask", id(mask), id(segment))
             if key not in self._decode_gathered:
-                self._decode_gathered[key] = (mask, self._decode_mask(mask, segment))
+                self._decode_gathered[key] = (mask, self._decode_mask(mask, segment, layer))
             overrides["attention_mask"] = self._decode_gathered[key][1]
         position_ids = kwargs.get("position_ids")
-        if segment.position_shift and position_ids is not None:
+        shifted = isinstance(segment.position_shift, torch.Tensor) or segment.position_shift != 0
+        if shifted and position_ids is not None:
             key = ("position_embeddings", id(kwargs["position_embeddings"][0]), id(segment))
             if key not in self._decode_gathered:
                 shifted = position_ids - segment.position_shift
@@ -549,18 +697,26 @@ class Pruner:
             overrides["position_ids"], overrides["position_embeddings"] = self._decode_gathered[key][1]
         return overrides
 
-    def _decode_mask(self, mask: torch.Tensor, segment: _Segment) -> torch.Tensor:
-        width = mask.shape[-1]
-        reference = width - self._generated  # prompt tokens of the cache the mask's columns are laid out as
-        if reference not in self._layouts:
-            raise RuntimeError(f"a decode mask with {width} key columns matches no pruned cache layout "
-                               f"({sorted(self._layouts)} prompt tokens + {self._generated} generated)")
-        layout = self._layouts[reference]
-        if layout is segment.positions:
+    def _decode_mask(self, mask: torch.Tensor | None, segment: _Segment, layer: int) -> torch.Tensor:
+        """The decode mask of a segment's layers: its key columns gathered to the segment's cache (see
+        `_decode_inputs`), with the cache's padding tokens closed."""
+        if mask is not None:
+            width = mask.shape[-1]
+            reference = width - self._generated  # prompt tokens of the cache the mask's columns are laid out as
+            if reference not in self._layouts:
+                raise RuntimeError(f"a decode mask with {width} key columns matches no pruned cache layout "
+                                   f"({sorted(self._layouts)} prompt tokens + {self._generated} generated)")
+            layout = self._layouts[reference]
+            if layout is not segment.positions:
+                kept = segment.positions if layout is None else torch.searchsorted(layout.contiguous(),
+                                                                                  segment.positions)
+                generated = torch.arange(reference, width, device=kept.device)
+                mask = gather_mask(mask, None, torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1))
+        if segment.padding is None:
             return mask
-        kept = segment.positions if layout is None else torch.searchsorted(layout.contiguous(), segment.positions)
-        generated = torch.arange(reference, width, device=kept.device)
-        return gather_mask(mask, None, torch.cat([kept, generated.expand(kept.shape[0], -1)], dim=1))
+        blocked = torch.nn.functional.pad(segment.padding, (0, self._generated))  # [batch, S_i + generated]
+        queries = 1 if mask is None else mask.shape[-2]
+        return block_key_columns(mask, blocked, queries, self._flash(layer))
 
     # -- the method's expectations of the prompt -------------------------------------------------------------------
 
@@ -571,6 +727,32 @@ class Pruner:
         if notice:
             self._warned_span = True
             warnings.warn(notice, stacklevel=3)
+
+
+def _rows_of(inputs: StageInputs, rows: torch.Tensor, count: int, original: int, method: str) -> StageInputs:
+    """The stage inputs of batch rows `rows` (LongTensor[r]), which hold `count` current and `original` original
+    image tokens: each tensor's rows, and its image-token axis cut to the rows' own count."""
+
+    def pick(value: torch.Tensor | None, width: int | None = None) -> torch.Tensor | None:
+        if value is None:
+            return None
+        value = value.index_select(0, rows)
+        return value if width is None else value[..., :width]
+
+    vision = inputs.vision
+    if vision is not None:
+        if vision.hidden_states.shape[0] != inputs.image_positions.shape[0]:
+            raise ValueError(f"{method} reads the vision tower per image; it ran {vision.hidden_states.shape[0]} "
+                             f"images for {inputs.image_positions.shape[0]} rows, so rows with different numbers "
+                             "of image tokens cannot share a batch: run them one at a time")
+        vision = VisionFeatures(*(pick(t) for t in (vision.cls_attention, vision.keys, vision.hidden_states)))
+    return dataclasses.replace(
+        inputs, num_image_tokens=count, num_original_image_tokens=original,
+        image_positions=pick(inputs.image_positions, count), image_indices=pick(inputs.image_indices, count),
+        attention=pick(inputs.attention, count), hidden_states=pick(inputs.hidden_states), keys=pick(inputs.keys),
+        vision=vision, query_is_text=pick(inputs.query_is_text), embeddings=pick(inputs.embeddings),
+        original_image_positions=pick(inputs.original_image_positions, original),
+    )
 
 
 FastVPruner = Pruner

@@ -5,7 +5,7 @@
 - `run_questions(ctx, journal, selected, todo, ...)`: the questions left to do, with the pruning hooks installed
   for the whole loop, each record appended to the per-sample journal as soon as it exists, and a progress bar.
   With `batch_size` > 1 the questions are grouped into left-padded batches (`plan_batches`: same kind, image or
-  text-only, the same number of image tokens, and similar prompt lengths) and each batch is one `generate`
+  text-only, similar numbers of image tokens and prompt lengths) and each batch is one `generate`
   (`run_batch`); the records are the same as one question at a time, with the batch's timings.
 - Prompts come from `ctx.prompts` (`prompting.prompts_for`): the guide's protocol for LLaVA-1.5, the processor's
   chat template for the other families.
@@ -150,9 +150,10 @@ def plan_questions(ctx: SampleContext, questions: list[Question], on_error=None)
 
 
 def plan_batches(planned: list[PlannedQuestion], batch_size: int) -> list[list[PlannedQuestion]]:
-    """Batches of at most `batch_size` questions, each of one kind (all with an image or all text-only) and with
-    one number of image tokens (the pruner needs the same count in every row; on LLaVA-1.5 every image has 576),
-    grouped by prompt length to limit padding.
+    """Batches of at most `batch_size` questions, each of one kind (all with an image or all text-only: text-only
+    batches run unpruned, without pixel values). Rows may hold different numbers of image tokens (anyres and
+    dynamic-resolution images: the pruner gives each row its own budget); sorting by that count, then by prompt
+    length, keeps the padding small.
 
     The order is deterministic: questions with an image first, most image tokens first, longest prompt first (the
     most memory-hungry batch runs first, so a batch size that does not fit fails at once), ties in the given order.
@@ -163,8 +164,7 @@ def plan_batches(planned: list[PlannedQuestion], batch_size: int) -> list[list[P
     for index in order:
         item = planned[index]
         last = batches[-1][0] if batches else None
-        if (last is not None and len(batches[-1]) < batch_size and last.has_image == item.has_image
-                and last.num_image_tokens == item.num_image_tokens):
+        if last is not None and len(batches[-1]) < batch_size and last.has_image == item.has_image:
             batches[-1].append(item)
         else:
             batches.append([item])
@@ -253,8 +253,8 @@ def _sample_record(
     selections = ctx.pruner.selections if ctx.pruner is not None else []
     selection = selections[-1] if selections else None
     pruned = selection is not None
-    num_kept = selection.num_kept if pruned else num_image
-    stages = [(s.layer, s.num_kept) for s in selections]
+    num_kept = selection.num_kept_per_row[row] if pruned else num_image
+    stages = [(s.layer, s.num_kept_per_row[row]) for s in selections]
     flops = schedule_flops(ctx.shape, num_tokens, num_image, stages)
     record = {
         "type": "sample",
@@ -289,7 +289,7 @@ def _sample_record(
         "seed": seed,
     }
     if ctx.save_selection:
-        record["kept_image_indices"] = selection.kept_image_indices[row].tolist() if pruned else None
+        record["kept_image_indices"] = selection.kept_in_row(row).tolist() if pruned else None
         record["image_scores"] = _first_stage_scores(selections[0], row) if pruned else None
     return record
 
@@ -313,10 +313,11 @@ def _up_to_eos(generated: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
 def _first_stage_scores(selection, row: int = 0) -> list[float] | None:
     """The first stage's scores of the prompt's image tokens in batch row `row` (6 significant digits), None when
     it had none or did not score every image token."""
-    if selection.scores is None or selection.scores.shape[-1] != selection.candidate_image_indices.shape[-1]:
+    row_scores = selection.scores_in_row(row)
+    if row_scores is None:
         return None
-    order = selection.candidate_image_indices[row].argsort()
-    return [float(f"{value:.6g}") for value in selection.scores[row, order].float().tolist()]
+    scores, candidates = row_scores
+    return [float(f"{value:.6g}") for value in scores[candidates.argsort()].float().tolist()]
 
 
 def error_record(question: Question, message: str) -> dict:

@@ -205,3 +205,56 @@ def image_numbers(is_image: torch.Tensor, image_positions: torch.Tensor) -> torc
     tokens: LongTensor[batch, N] for the image tokens at `image_positions` [batch, N] of `is_image` [batch, S]."""
     starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
     return (starts.long().cumsum(dim=1) - 1).gather(1, image_positions)
+
+
+def ragged_kept_sequence(image_positions: torch.Tensor, is_image: torch.Tensor, padding: torch.Tensor | None,
+                         top: torch.Tensor, kept_valid: torch.Tensor, real_lengths: list[int]):
+    """The drop for rows that keep different numbers of image tokens, made rectangular with padding tokens.
+
+    image_positions: LongTensor[batch, n], the current image tokens' positions (a row's slots past its own count
+    point at the last position); is_image: BoolTensor[batch, S], the rows' current image tokens; padding:
+    BoolTensor[batch, S], tokens kept as padding by an earlier step (None: none); top:
+    LongTensor[batch, R], the kept ones as indices into `image_positions`; kept_valid: BoolTensor[batch, R], which
+    entries of `top` are real (a row keeping fewer has trailing unused entries); real_lengths: per row, how many
+    real tokens remain after the drop. The last position must be text in every row.
+
+    Row b keeps its real tokens plus the first `max(real_lengths) - real_lengths[b]` of the other tokens of its
+    sequence (dropped image tokens or earlier padding), as padding that no other token may attend to. Returns
+    (kept_positions LongTensor[batch, S'], keep BoolTensor[batch, S] (padding included), dropped BoolTensor[batch,
+    S]: the image tokens dropped by this step, padding BoolTensor[batch, S']: which kept tokens are padding).
+    """
+    batch, seq_len = is_image.shape
+    real = ~is_image if padding is None else ~is_image & ~padding
+    real.scatter_(1, image_positions.gather(1, top).masked_fill(~kept_valid, seq_len - 1), True)
+    length = max(real_lengths)
+    needed = torch.tensor([length - n for n in real_lengths], device=is_image.device)
+    spare = ~real
+    new_padding = spare & (spare.long().cumsum(dim=1) <= needed[:, None])
+    keep = real | new_padding
+    kept = ordered_positions(keep, length)
+    return kept, keep, is_image & ~real, new_padding.gather(1, kept)
+
+
+def block_key_columns(mask: torch.Tensor | None, blocked: torch.Tensor, queries: int, flash: bool = False):
+    """A layer's attention mask with the `blocked` [batch, K] key columns (padding tokens) closed to every query
+    but themselves (the Q query rows are the last Q tokens, so in a prefill a blocked token still attends to
+    itself and no row is empty).
+
+    mask: a 4D mask [batch or 1, 1 or heads, Q, K] (bool: True = attend; float: additive), a 2D padding mask
+    [batch, K] (1 = token), or None (causal, no padding): then a causal bool mask [batch, 1, Q, K] is made, or
+    with `flash` (FlashAttention reads 2D masks only) a 2D one."""
+    batch, width = blocked.shape
+    if mask is None and flash:
+        mask = torch.ones(batch, width, dtype=torch.long, device=blocked.device)
+    if mask is None:
+        query_positions = torch.arange(width - queries, width, device=blocked.device)
+        mask = (torch.arange(width, device=blocked.device)[None] <= query_positions[:, None])[None, None]
+    if mask.dim() == 2:
+        return mask.masked_fill(blocked, 0)
+    queries = mask.shape[-2]
+    columns = blocked[:, None, None, :].expand(-1, 1, queries, -1)
+    query_positions = torch.arange(width - queries, width, device=blocked.device)
+    columns = columns & (torch.arange(width, device=blocked.device)[None] != query_positions[:, None])
+    if mask.dtype == torch.bool:
+        return mask.masked_fill(columns, False)
+    return mask.masked_fill(columns, torch.finfo(mask.dtype).min)
