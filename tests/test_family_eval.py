@@ -82,9 +82,14 @@ def test_eval_cli_runs_every_family(family, family_dirs, tmp_path):
         assert record["prompt"].startswith(begin)
         assert record["prompt"].endswith(f"{question}\n{SINGLE_PRED_PROMPT}{end}")
         assert record["batch_size"] == 3
+        assert record["vision_flops"] > 0
+    flops = result["flops_info"]  # the vision tower's cost, unchanged by pruning, dilutes the decoder's saving
+    assert flops["flops_ratio"] < flops["flops_ratio_with_vision"] < 1
+    assert flops["avg_vision_flops"] == pytest.approx(sum(r["vision_flops"] for r in records) / 3)
 
     _, single = run_eval(family_dirs / family, tmp_path / "single", 1)
-    keys = ("id", "prompt", "output", "num_tokens", "num_image_tokens", "kept_image_indices", "prefill_flops")
+    keys = ("id", "prompt", "output", "num_tokens", "num_image_tokens", "kept_image_indices", "prefill_flops",
+            "vision_flops")
     assert [{k: r[k] for k in keys} for r in single] == [{k: r[k] for k in keys} for r in records]
 
 

@@ -135,11 +135,16 @@ def _tokens(ok: list[dict]) -> dict:
 
 
 def _flops(ok: list[dict], run_config: RunConfig, shape: DecoderShape) -> dict:
-    """Theoretical prefill FLOPs: the ratio of the sums, per-sample means and totals."""
+    """Theoretical prefill FLOPs: the ratio of the sums, per-sample means and totals of the decoder's; the vision
+    tower's and projector's (the same with and without pruning) and the ratio with them added."""
     flops = [r["prefill_flops"] for r in ok]
     baseline = [r["baseline_prefill_flops"] for r in ok]
+    vision = [r.get("vision_flops") or 0 for r in ok]
+    with_vision = sum(baseline) + sum(vision)
     return {
         "flops_ratio": sum(flops) / sum(baseline) if sum(baseline) else 1.0,
+        "flops_ratio_with_vision": (sum(flops) + sum(vision)) / with_vision if with_vision else 1.0,
+        "avg_vision_flops": _mean(vision),
         "mean_sample_flops_ratio": _mean([r["flops_ratio"] for r in ok]),
         "avg_prefill_flops": _mean(flops),
         "avg_baseline_prefill_flops": _mean(baseline),
@@ -212,6 +217,9 @@ def format_summary(result: dict, result_path: str | None = None, failed: list[st
         f"  prefill FLOPs ratio {flops['flops_ratio']:.4f} ({fmt(flops['avg_prefill_flops'], '.4g')} vs "
         f"{fmt(flops['avg_baseline_prefill_flops'], '.4g')} unpruned, mean per sample)",
     ]
+    if flops.get("avg_vision_flops"):
+        lines.append(f"  with the vision tower {flops['flops_ratio_with_vision']:.4f} "
+                     f"({fmt(flops['avg_vision_flops'], '.4g')} vision FLOPs per sample)")
     if result.get("peak_gpu_memory_bytes"):
         lines.append(f"  peak GPU memory {result['peak_gpu_memory_bytes'] / 2**30:.2f} GiB")
     if result_path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .answers import FAILED, is_correct, parse_answer
-from .flops import DecoderShape, schedule_flops
+from .flops import DecoderShape, schedule_flops, vision_flops_per_row
 from .prompting import prompts_for
 from .run_config import RunConfig
 from .run_files import SampleJournal
@@ -195,6 +195,7 @@ def _run_inputs(ctx: SampleContext, batch: list[PlannedQuestion], inputs: dict, 
                 warmup: bool) -> tuple[list[dict], bool]:
     """`run_batch` on inputs already built (`input_ids` [B, S], ...; `pads` left padding per row)."""
     config = ctx.run_config
+    vision_flops = vision_flops_per_row(ctx.model.config, inputs) or [None] * len(batch)
     inputs = device_inputs(inputs, ctx.device, ctx.dtype)
     seeds = [sample_seed(config.seed, item.question.id) for item in batch]
     state = None
@@ -207,8 +208,10 @@ def _run_inputs(ctx: SampleContext, batch: list[PlannedQuestion], inputs: dict, 
     records = []
     for row, (item, pad, seed) in enumerate(zip(batch, pads, seeds)):
         is_image = torch.tensor(item.ids) == ctx.model.config.image_token_id  # [S] of the unpadded prompt
-        records.append(_sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
-                                      row=row, pad=pad, batch_size=len(batch)))
+        record = _sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
+                                row=row, pad=pad, batch_size=len(batch))
+        record["vision_flops"] = vision_flops[row]
+        records.append(record)
     return records, drew_random
 
 
