@@ -137,6 +137,23 @@ def test_flops_target_on_a_family_without_a_fixed_image_token_count_says_why(fam
     assert "fixed number of image tokens" in message and "keep_ratio" in message
 
 
+def test_sweep_marks_methods_that_cannot_prune_the_family_and_goes_on(family_dirs, tmp_path, capsys):
+    """The method zoo on LLaVA-NeXT: VisionZip (no [CLS]-patch correspondence) and the patch-grid baselines (anyres
+    tokens form no grid) are marked not applicable with the reason; the others are computed, exit status 0."""
+    from fastv_advanced.cli import sweep
+
+    out = tmp_path / "out"
+    code = sweep.main(["--model-path", str(family_dirs / "llava_next"), "--question-file", str(QUESTIONS),
+                       "--image-folder", str(IMAGES), "--pruning-method", "visionzip", "uniform", "dart",
+                       "--num-samples", "2", "--max-new-tokens", "2", "--output-dir", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert sorted(path.name for path in out.glob("*.json")) == ["scienceqa_results_baseline.json",
+                                                               "scienceqa_results_dart.json"]
+    assert "2 computed, 2 not applicable of 4 configurations" in printed
+    assert "[CLS] attention needs a CLIP tower" in printed and "form no one grid" in printed
+
+
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
 def test_batched_run_on_pictures_of_different_sizes(family, family_dirs, tmp_path):
     """Pictures of four shapes give three or four image-token counts; one batch holds them all, each row keeps its own

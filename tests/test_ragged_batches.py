@@ -188,3 +188,4 @@ def test_pyramid_drop_rows_match_each_row_alone():
         assert [s.kept_in_row(row).tolist() for s in selections] == kept
         torch.testing.assert_close(batched_logits[row], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(generated[row], steps, atol=1e-4, rtol=0)  # every decode step's logits
+

@@ -82,6 +82,19 @@ class LlavaAdapter:
         """The lowest decoder layer before which tokens may be dropped."""
         return 0
 
+    @property
+    def patch_grid(self) -> str | None:
+        """None when an image's tokens form one patch grid (LLaVA-1.5: 24 x 24), else why not."""
+        if self.model_type == "llava":
+            return None
+        return f"{self.family}'s anyres image tokens (base image, tiles, a newline token per tile row) form no one grid"
+
+    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor) -> torch.Tensor | None:
+        """LongTensor[batch, 2]: per row, the (rows, cols) its image tokens span on the image's token grid, where
+        the model's inputs say it (Qwen-VL), else None. `is_image` BoolTensor[batch, S]. Row-major order is
+        assumed; the caller trusts it only for a row with one image whose count is rows x cols."""
+        return None
+
     def check_prompt(self, seq_len: int) -> None:
         """ValueError when a prompt of `seq_len` tokens cannot be pruned on this model: a decoder with sliding-window
         layers (Gemma 3, a Mistral decoder with `sliding_window` set) takes prompts shorter than the window only."""
@@ -212,6 +225,27 @@ class QwenVLAdapter(LlavaAdapter):
         super().__init__(model)
         self.norm_before_rope = "sequence_first" if self.model_type == "qwen3_vl" else None
 
+    patch_grid = None  # each image's merged patches, h x w (image_grid_thw)
+
+    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor) -> torch.Tensor | None:
+        """From the 3-D M-RoPE positions (`position_ids` [3 or 4, batch, S], what `generate` passes: the last two
+        are the row and column of an image token) or, in a plain forward call, from `image_grid_thw` [images, 3]
+        (each row's first image; patches merged `spatial_merge_size` x `spatial_merge_size`)."""
+        positions = model_inputs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.dim() == 3 and positions.shape[0] >= 3:
+            def extent(coordinate: torch.Tensor) -> torch.Tensor:  # [batch, S] -> [batch]
+                highest = coordinate.masked_fill(~is_image, torch.iinfo(coordinate.dtype).min).amax(dim=1)
+                return highest - coordinate.masked_fill(~is_image, torch.iinfo(coordinate.dtype).max).amin(dim=1) + 1
+
+            return torch.stack([extent(positions[-2].long()), extent(positions[-1].long())], dim=1)
+        grid = model_inputs.get("image_grid_thw")
+        if not isinstance(grid, torch.Tensor) or grid.numel() == 0:
+            return None
+        runs = (is_image[:, 1:] & ~is_image[:, :-1]).sum(dim=1) + is_image[:, 0]  # [batch] images per row
+        first = (runs.cumsum(dim=0) - runs).clamp(max=grid.shape[0] - 1)  # [batch] each row's first image
+        merge = self.model.config.vision_config.spatial_merge_size
+        return grid.to(is_image.device)[first, 1:] // merge
+
     def first_prunable_layer(self) -> int:
         return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
 
@@ -237,6 +271,8 @@ class Gemma3Adapter(LlavaAdapter):
         if getattr(self.text_config, "attn_logit_softcapping", None):
             raise ValueError("Gemma 3 with attn_logit_softcapping is not supported: the scored attention would differ")
         self.layer_types = getattr(self.text_config, "layer_types", None) or ["full_attention"] * len(self.layers)
+
+    patch_grid = None  # mm_tokens_per_image pooled tokens, a square
 
     def position_embeddings(self, layer: int, hidden_states: torch.Tensor, position_ids: torch.Tensor):
         return self.text_model.rotary_emb(hidden_states, position_ids, self.layer_types[layer])

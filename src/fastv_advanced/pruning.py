@@ -127,8 +127,9 @@ class _Prompt:
     where stages renumbered positions (None: no stage did); gathered: the layer inputs already gathered to the
     current tokens, by the identity of the model's full-length tensor (layers share them).
 
-    Rows with different numbers of image tokens (`ragged`): n and N are the largest counts, `counts` and
-    `original_counts` each row's own; a row's slots past its count point at the last position. `padding`
+    Rows with different numbers of image tokens, or image-token grids of different shapes (`ragged`): n and N are
+    the largest counts, `counts` and `original_counts` each row's own; a row's slots past its count point at the
+    last position. `grids`: per row, the (rows, cols) layout of its image tokens where the model input gives it. `padding`
     BoolTensor[batch, S_cur] marks dropped tokens kept only to give every row one length (`padding_counts` per
     row); `position_shift` is then a LongTensor[batch, 1].
     """
@@ -138,6 +139,7 @@ class _Prompt:
     text_rows: int
     counts: list[int]
     original_counts: list[int]
+    grids: list[tuple[int, int] | None]
     image_start: torch.Tensor
     image_positions: torch.Tensor
     image_indices: torch.Tensor
@@ -156,7 +158,12 @@ class _Prompt:
 
     @property
     def ragged(self) -> bool:
-        return len(set(self.original_counts)) > 1
+        return len(set(self.original_counts)) > 1 or len(set(self.grids)) > 1
+
+    def grid_of(self, rows: list[int]) -> tuple[int, int] | None:
+        """The grid every row of `rows` shares while no stage has dropped tokens, else None."""
+        grids = {self.grids[row] for row in rows}
+        return grids.pop() if len(grids) == 1 and not self.pruned else None
 
     def valid_slots(self, counts: list[int], width: int) -> torch.Tensor:
         """BoolTensor[batch, width]: which of `width` slots hold a row's own entries (the first `counts[row]`)."""
@@ -247,6 +254,8 @@ class Pruner:
     def _check_schedule(self) -> None:
         if not self.stages:
             raise ValueError(f"{self.method.name or type(self.method).__name__}: stages() returned no stage")
+        if self.method.needs_patch_grid and self.adapter.patch_grid is not None:
+            raise ValueError(f"{self.method.name} reads the image tokens as a patch grid: {self.adapter.patch_grid}")
         lowest = self.adapter.first_prunable_layer()
         if self.stages[0].layer < lowest:
             raise ValueError(
@@ -383,32 +392,38 @@ class Pruner:
                 warnings.warn("pruning needs input_ids to find the image tokens; this call with inputs_embeds runs "
                               "unpruned")
             return None
-        self._prompt = self._find_image_tokens(input_ids, kwargs.get("attention_mask"))
+        self._prompt = self._find_image_tokens(input_ids, kwargs)
         self._cache_ref = weakref.ref(cache) if cache is not None else None
         if self._prompt is None:  # a new text-only prompt: runs unpruned
             self.selections = []
             self._segments = {}
         return None
 
-    def _find_image_tokens(self, input_ids: torch.Tensor, attention_mask) -> _Prompt | None:
-        """The image tokens of a prompt [batch, S]; the only host sync of a prefill reads their counts, starts and
-        whether the last position is padding or an image token."""
+    def _find_image_tokens(self, input_ids: torch.Tensor, model_inputs: dict) -> _Prompt | None:
+        """The image tokens of a prompt [batch, S]; the only host sync of a prefill reads their counts, starts,
+        images per row, grid extents and whether the last position is padding or an image token."""
+        attention_mask = model_inputs.get("attention_mask")
         is_image = input_ids == self.adapter.image_token_id  # [batch, S]
         counts = is_image.sum(dim=1)
         image_start = is_image.int().argmax(dim=1)
         padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         pads = (attention_mask == 0).sum(dim=1) if padded else torch.zeros_like(counts)
         right_padded = (attention_mask[:, -1] == 0).any().long()[None] if padded else counts.new_zeros(1)
-        values = torch.cat([counts, image_start - pads, image_start, is_image[:, -1].long(), right_padded]).tolist()
+        runs = (is_image[:, 1:] & ~is_image[:, :-1]).sum(dim=1) + is_image[:, 0]  # images per row
+        extents = self.adapter.image_grid_extents(model_inputs, is_image)  # [batch, 2] or None
+        extents = counts.new_zeros(0) if extents is None else extents.flatten().to(counts)
+        values = torch.cat([counts, image_start - pads, image_start, is_image[:, -1].long(), runs, right_padded,
+                            extents]).tolist()
         batch = input_ids.shape[0]
         counts_list, starts, padded_starts = values[:batch], values[batch : 2 * batch], values[2 * batch : 3 * batch]
+        grids = _row_grids(values[5 * batch + 1 :], values[4 * batch : 5 * batch], counts_list)
         if max(counts_list) == 0:
             return None
-        if values[-1]:
+        if values[5 * batch]:
             raise ValueError("pruning scores from the last prompt position and needs left padding "
                              "(padding_side='left')")
         ends_with_image = [row for row in range(batch) if values[3 * batch + row]]
-        if min(counts_list) != max(counts_list) and ends_with_image:
+        if (min(counts_list) != max(counts_list) or len(set(grids)) > 1) and ends_with_image:
             raise ValueError(
                 f"rows {ends_with_image} end with an image token; a batch whose rows hold different numbers of image "
                 f"tokens ({counts_list}) needs text after the image in every row (or run the rows one at a time)"
@@ -426,6 +441,7 @@ class Pruner:
             text_rows=max(seq_len - padded_starts[row] - counts_list[row] for row in with_image),
             counts=counts_list,
             original_counts=list(counts_list),
+            grids=grids,
             image_start=image_start,
             image_positions=image_positions,
             image_indices=torch.arange(num_image, device=input_ids.device).expand(batch, -1),
@@ -502,6 +518,7 @@ class Pruner:
             query_is_text=self._query_is_text(hidden.shape[1]) if stage.attention_rows == "text" else None,
             embeddings=prompt.embeddings if stage.embeddings else None,
             original_image_positions=prompt.original_image_positions if stage.embeddings else None,
+            image_grid=prompt.grid_of(range(hidden.shape[0])),
         )
 
     def _query_is_text(self, seq_len: int) -> torch.Tensor:
@@ -563,20 +580,21 @@ class Pruner:
 
     def _choose_per_count(self, stage_index: int, inputs: StageInputs, hidden: torch.Tensor):
         """The method's choice for rows with different numbers of image tokens: one call per group of rows with the
-        same current and original counts (each sees a rectangular batch, so a ratio keeps each group its own share
+        same current and original counts and image grid (each sees a rectangular batch, so a ratio keeps each group its own share
         and a fixed count is checked against each). Returns the merged `Choice` (scores [batch, n] NaN-padded,
         `kept` [batch, R] 0-padded), `top` = its `kept`, and each row's kept count."""
         prompt = self._prompt
         batch, width = inputs.image_positions.shape
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, key in enumerate(zip(prompt.counts, prompt.original_counts)):
+        groups: dict[tuple, list[int]] = {}
+        for row, key in enumerate(zip(prompt.counts, prompt.original_counts, prompt.grids)):
             groups.setdefault(key, []).append(row)
         chosen, num_kept = [], [0] * batch
-        for (count, original), rows in groups.items():
+        for (count, original, _), rows in groups.items():
             if count == 0:  # a row without image tokens (a text-only prompt in the batch)
                 continue
             index = torch.tensor(rows, device=inputs.image_positions.device)
-            choice = self.method.choose(stage_index, _rows_of(inputs, index, count, original, self.method.name))
+            group = _rows_of(inputs, index, count, original, self.method.name)
+            choice = self.method.choose(stage_index, dataclasses.replace(group, image_grid=prompt.grid_of(rows)))
             top = kept_image_tokens(self.method, choice, len(rows), count)
             chosen.append((index, count, choice, top))
             for row in rows:
@@ -727,6 +745,16 @@ class Pruner:
         if notice:
             self._warned_span = True
             warnings.warn(notice, stacklevel=3)
+
+
+def _row_grids(extents: list[int], images_per_row: list[int], counts: list[int]) -> list[tuple[int, int] | None]:
+    """Per row, its image tokens' (rows, cols) grid: the adapter's extents (flattened [batch, 2], or empty) where
+    the row holds one image of exactly rows x cols tokens, else None."""
+    grids = []
+    for row, (images, count) in enumerate(zip(images_per_row, counts)):
+        shape = tuple(extents[2 * row : 2 * row + 2])
+        grids.append(shape if len(shape) == 2 and images == 1 and shape[0] * shape[1] == count else None)
+    return grids
 
 
 def _rows_of(inputs: StageInputs, rows: torch.Tensor, count: int, original: int, method: str) -> StageInputs:

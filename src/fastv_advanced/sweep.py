@@ -34,6 +34,7 @@ from .model_loading import LoadedModel, ModelInfo, ModelSpec
 from .budget import solve_budget
 from .flops import DecoderShape
 from .methods import PruningMethod, get_method_class
+from .pruning import apply_pruning
 from .methods.fastv import DEFAULT_ALPHA, GUIDE_AGG_LAYER, GUIDE_ATTENTION_RANK, alphas_of
 from .run_config import RunConfig, build_checked, fingerprint_config, result_file_name, samples_file_name
 from .run_files import ConfigurationMismatch, SampleJournal, check_result_file, fingerprint_of
@@ -253,12 +254,23 @@ def _result_is(path: Path, fingerprint: str, total_samples: int) -> bool:
     return result.get("fingerprint") == fingerprint and result.get("total_samples") == total_samples
 
 
+def not_applicable(model: torch.nn.Module, method: PruningMethod | None) -> str | None:
+    """Why `method` cannot prune `model` (what building its pruner refuses), or None."""
+    if method is None:
+        return None
+    try:
+        apply_pruning(model, method).remove()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass
 class SweepEntry:
     """What the sweep did with one configuration."""
 
     planned: PlannedRun
-    status: str = "pending"  # pending / skipped / computed / failed / interrupted
+    status: str = "pending"  # pending / skipped / computed / not applicable / failed / interrupted
     seconds: float | None = None
     result: dict | None = None
     error: str | None = None
@@ -304,8 +316,10 @@ class Sweep:
     def run(self, load: Callable[[], LoadedModel]) -> list[SweepEntry]:
         """Evaluate what is not finished. `load()` is called once, and only when something is left to compute.
 
-        Raises `ConfigurationMismatch` (before loading) when files of another configuration are in the way,
-        `SweepError` naming the configuration that failed, and lets `KeyboardInterrupt` through with the entry
+        A configuration whose method cannot prune this model (a method that reads a [CLS] attention on a tower
+        without one, a patch-grid method on anyres tokens, ...) is marked `not applicable`, with the reason in
+        `error`, and the sweep goes on. Raises `ConfigurationMismatch` (before loading) when files of another
+        configuration are in the way, `SweepError` naming the configuration that failed, and lets `KeyboardInterrupt` through with the entry
         marked `interrupted`. `entries` says what happened to every configuration in each case.
         """
         plans = self.plan()
@@ -325,6 +339,11 @@ class Sweep:
         for number, entry in enumerate(self.entries, start=1):
             if entry.planned.status == STATUS_DONE:
                 self._skip(number, total, entry)
+                continue
+            entry.error = not_applicable(loaded.model, entry.planned.run_config.method)
+            if entry.error is not None:
+                entry.status = "not applicable"
+                self.options.log(f"[{number}/{total}] {entry.label}: not applicable to this model - {entry.error}")
                 continue
             self._compute(number, total, entry, loaded)
         return self.entries
@@ -384,8 +403,10 @@ def format_report(entries: list[SweepEntry], model_loaded: bool) -> str:
              + ("" if model_loaded else " (model not loaded: every configuration was already finished)")]
     for entry in entries:
         accuracy = f"accuracy {entry.result['accuracy']:.4f}" if entry.result else " " * 15
-        lines.append(f"  {entry.status:<11} {entry.label:<{width}}  {accuracy}  {entry.planned.result_path.name}")
-    order = ("computed", "skipped", "failed", "interrupted", "pending")
+        lines.append(f"  {entry.status:<14} {entry.label:<{width}}  {accuracy}  {entry.planned.result_path.name}")
+        if entry.status == "not applicable":
+            lines.append(f"      {entry.error}")
+    order = ("computed", "skipped", "not applicable", "failed", "interrupted", "pending")
     lines.append("  " + ", ".join(f"{counts[s]} {s if s != 'pending' else 'not run'}" for s in order if s in counts)
                  + f" of {len(entries)} configurations")
     return "\n".join(lines)

@@ -86,6 +86,8 @@ class StageInputs:
         the image block.
     embeddings: FloatTensor[batch, S0, hidden], the language model's input (original prompt), or None;
         original_image_positions: LongTensor[batch, N], where its image tokens are.
+    image_grid: (rows, cols) of the image tokens in row-major order where the model gives every row the same
+        one-image grid and no stage has dropped tokens yet (Qwen-VL), else None.
     """
 
     num_image_tokens: int
@@ -101,6 +103,7 @@ class StageInputs:
     query_is_text: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     original_image_positions: torch.Tensor | None = None
+    image_grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ class PruningMethod:
         the stage layer it sets (0, or 1 for a layer after which the stage prunes): `scaled_to` moves them to
         another depth.
     reference_layers: the depth the presets were written for (LLaVA-1.5's 32 layers).
+    needs_patch_grid: the method reads the image tokens as one patch grid (a model whose image tokens form none,
+        like anyres tiles with newline tokens, refuses it when the pruner is built).
     """
 
     name: ClassVar[str] = ""
@@ -189,6 +194,7 @@ class PruningMethod:
     layer_parameters: ClassVar[dict[str, int]] = {}
     reference_layers: ClassVar[int] = 32
     budget_choices: ClassVar[tuple | None] = None
+    needs_patch_grid: ClassVar[bool] = False
 
     # -- what a subclass implements --------------------------------------------------------------------------------
 
