@@ -189,3 +189,64 @@ def test_pyramid_drop_rows_match_each_row_alone():
         torch.testing.assert_close(batched_logits[row], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(generated[row], steps, atol=1e-4, rtol=0)  # every decode step's logits
 
+
+def noise_pictures_inputs(processor, sizes) -> dict:
+    """One chat prompt per (width, height) of random-noise picture (no two patches alike), left-padded."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pictures = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))] for w, h in sizes]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour is it?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[prompt] * len(sizes), images=pictures, padding=True, padding_side="left",
+                          return_tensors="pt"))
+
+
+def row_alone(inputs: dict, row: int) -> dict:
+    """Row `row` of a left-padded batch without its padding, with its own image inputs."""
+    pad = int((inputs["attention_mask"][row] == 0).sum())
+    alone = {key: inputs[key][row:row + 1, pad:] for key in ("input_ids", "attention_mask", "mm_token_type_ids")
+             if key in inputs}
+    if "image_grid_thw" in inputs:
+        patches = [int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()]
+        alone["pixel_values"] = inputs["pixel_values"][sum(patches[:row]) : sum(patches[: row + 1])]
+        alone["image_grid_thw"] = inputs["image_grid_thw"][row:row + 1]
+    else:
+        alone["pixel_values"] = inputs["pixel_values"][row:row + 1]
+        alone["image_sizes"] = inputs["image_sizes"][row:row + 1]
+    return alone
+
+
+ZOO = {"fastv": {}, "pdrop": {}, "dart": {}, "divprune": {}, "sparsevlm": {"recycle": False}, "uniform": {},
+       "pool": {}}
+RAGGED_FAMILIES = {"llava_next": ((336, 336), (336, 200)), "qwen2_5_vl": ((336, 336), (336, 196))}
+
+
+@pytest.mark.parametrize("family", sorted(RAGGED_FAMILIES))
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_method_prunes_each_row_of_a_ragged_batch_as_alone(family, name):
+    """The zoo's methods at the model's depth (SparseVLM without its randomly tie-broken recycling): each row's kept
+    tokens at every stage and its last-position logits equal those of the row run alone. Position ids follow the
+    attention mask, as under `generate` (FastV-style key norms after RoPE depend on absolute positions)."""
+    model, processor = build_tiny_family(family)
+    inputs = noise_pictures_inputs(processor, RAGGED_FAMILIES[family])
+    if family == "llava_next" and name in ("uniform", "pool"):  # anyres tiles with newlines form no single grid
+        with pytest.raises(ValueError, match="form no one grid"):
+            apply_pruning(model, get_method_class(name)())
+        return
+    if family == "llava_next":
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    method = get_method_class(name)(**ZOO[name]).scaled_to(len(model.model.language_model.layers))
+    with apply_pruning(model, method) as pruner, torch.no_grad():
+        alone = []
+        for row in range(2):
+            logits = model(**row_alone(inputs, row)).logits[0, -1]
+            alone.append((logits, [s.kept_in_row(0).tolist() for s in pruner.selections]))
+        batched = model(**inputs).logits[:, -1]
+        selections = list(pruner.selections)
+    assert selections[0].num_candidates_per_row[0] != selections[0].num_candidates_per_row[1]
+    for row, (logits, kept) in enumerate(alone):
+        assert [s.kept_in_row(row).tolist() for s in selections] == kept
+        torch.testing.assert_close(batched[row], logits, atol=1e-4, rtol=0)
