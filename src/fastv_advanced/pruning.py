@@ -22,7 +22,6 @@ takes every hook away.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from packaging.version import Version
 
 from .adapters import adapter_for
 from .methods import PruningMethod, Stage, StageInputs
-from .methods.base import Choice, VisionFeatures
+from .methods.base import VisionFeatures
+from .row_groups import choose_per_group, row_grids
 from .selection import block_key_columns, drop_tokens, gather_layer_inputs, gather_mask, gather_rows, image_attention
 from .selection import image_numbers, kept_image_tokens, last_query_attention, ordered_positions, query_rows_attention
 from .selection import ragged_kept_sequence, rotated_keys
@@ -416,7 +416,7 @@ class Pruner:
                             extents]).tolist()
         batch = input_ids.shape[0]
         counts_list, starts, padded_starts = values[:batch], values[batch : 2 * batch], values[2 * batch : 3 * batch]
-        grids = _row_grids(values[5 * batch + 1 :], values[4 * batch : 5 * batch], counts_list)
+        grids = row_grids(values[5 * batch + 1 :], values[4 * batch : 5 * batch], counts_list)
         if max(counts_list) == 0:
             return None
         if values[5 * batch]:
@@ -559,7 +559,8 @@ class Pruner:
                                "cache with image tokens in the new input")
         inputs = self._stage_inputs(stage, hidden, kwargs)
         if prompt.ragged:
-            choice, top, num_kept = self._choose_per_count(stage_index, inputs, hidden)
+            choice, num_kept = choose_per_group(self.method, stage_index, inputs, hidden, prompt)
+            top = choice.kept  # [batch, R], each row's own first
             hidden, kept, keep, dropped = self._ragged_drop(hidden, top, num_kept)
         else:
             choice = self.method.choose(stage_index, inputs)
@@ -577,48 +578,6 @@ class Pruner:
         args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
         kwargs.update(self._prefill_inputs(stage.layer, model_inputs))
         return args, kwargs
-
-    def _choose_per_count(self, stage_index: int, inputs: StageInputs, hidden: torch.Tensor):
-        """The method's choice for rows with different numbers of image tokens: one call per group of rows with the
-        same current and original counts and image grid (each sees a rectangular batch, so a ratio keeps each group its own share
-        and a fixed count is checked against each). Returns the merged `Choice` (scores [batch, n] NaN-padded,
-        `kept` [batch, R] 0-padded), `top` = its `kept`, and each row's kept count."""
-        prompt = self._prompt
-        batch, width = inputs.image_positions.shape
-        groups: dict[tuple, list[int]] = {}
-        for row, key in enumerate(zip(prompt.counts, prompt.original_counts, prompt.grids)):
-            groups.setdefault(key, []).append(row)
-        chosen, num_kept = [], [0] * batch
-        for (count, original, _), rows in groups.items():
-            if count == 0:  # a row without image tokens (a text-only prompt in the batch)
-                continue
-            index = torch.tensor(rows, device=inputs.image_positions.device)
-            group = _rows_of(inputs, index, count, original, self.method.name)
-            choice = self.method.choose(stage_index, dataclasses.replace(group, image_grid=prompt.grid_of(rows)))
-            top = kept_image_tokens(self.method, choice, len(rows), count)
-            chosen.append((index, count, choice, top))
-            for row in rows:
-                num_kept[row] = top.shape[1]
-        device = inputs.image_positions.device
-        merged = Choice(kept=torch.zeros(batch, max(num_kept), dtype=torch.long, device=device))
-        for index, count, choice, top in chosen:
-            merged.kept[index, : top.shape[1]] = top
-            if choice.scores is not None and choice.scores.shape[1] == count:
-                if merged.scores is None:
-                    merged.scores = torch.full((batch, width), float("nan"), device=device)
-                merged.scores[index, :count] = choice.scores.float()
-            if choice.head_index is not None:
-                if merged.head_index is None:
-                    merged.head_index = torch.zeros(batch, dtype=torch.long, device=device)
-                merged.head_index[index] = choice.head_index
-        if any(choice.replacement is not None for _, _, choice, _ in chosen):
-            merged.replacement = hidden.new_zeros(batch, merged.kept.shape[1], hidden.shape[-1])
-            for index, count, choice, top in chosen:
-                replacement = choice.replacement
-                if replacement is None:  # this group's kept tokens as they are
-                    replacement = gather_rows(hidden[index], inputs.image_positions[index].gather(1, top), 1)
-                merged.replacement[index, : top.shape[1]] = replacement.to(hidden.dtype)
-        return merged, merged.kept, num_kept
 
     def _ragged_drop(self, hidden: torch.Tensor, top: torch.Tensor, num_kept: list[int]):
         """`drop_tokens` for rows keeping different numbers of image tokens (`num_kept`; `top` [batch, R] padded):
@@ -745,42 +704,6 @@ class Pruner:
         if notice:
             self._warned_span = True
             warnings.warn(notice, stacklevel=3)
-
-
-def _row_grids(extents: list[int], images_per_row: list[int], counts: list[int]) -> list[tuple[int, int] | None]:
-    """Per row, its image tokens' (rows, cols) grid: the adapter's extents (flattened [batch, 2], or empty) where
-    the row holds one image of exactly rows x cols tokens, else None."""
-    grids = []
-    for row, (images, count) in enumerate(zip(images_per_row, counts)):
-        shape = tuple(extents[2 * row : 2 * row + 2])
-        grids.append(shape if len(shape) == 2 and images == 1 and shape[0] * shape[1] == count else None)
-    return grids
-
-
-def _rows_of(inputs: StageInputs, rows: torch.Tensor, count: int, original: int, method: str) -> StageInputs:
-    """The stage inputs of batch rows `rows` (LongTensor[r]), which hold `count` current and `original` original
-    image tokens: each tensor's rows, and its image-token axis cut to the rows' own count."""
-
-    def pick(value: torch.Tensor | None, width: int | None = None) -> torch.Tensor | None:
-        if value is None:
-            return None
-        value = value.index_select(0, rows)
-        return value if width is None else value[..., :width]
-
-    vision = inputs.vision
-    if vision is not None:
-        if vision.hidden_states.shape[0] != inputs.image_positions.shape[0]:
-            raise ValueError(f"{method} reads the vision tower per image; it ran {vision.hidden_states.shape[0]} "
-                             f"images for {inputs.image_positions.shape[0]} rows, so rows with different numbers "
-                             "of image tokens cannot share a batch: run them one at a time")
-        vision = VisionFeatures(*(pick(t) for t in (vision.cls_attention, vision.keys, vision.hidden_states)))
-    return dataclasses.replace(
-        inputs, num_image_tokens=count, num_original_image_tokens=original,
-        image_positions=pick(inputs.image_positions, count), image_indices=pick(inputs.image_indices, count),
-        attention=pick(inputs.attention, count), hidden_states=pick(inputs.hidden_states), keys=pick(inputs.keys),
-        vision=vision, query_is_text=pick(inputs.query_is_text), embeddings=pick(inputs.embeddings),
-        original_image_positions=pick(inputs.original_image_positions, original),
-    )
 
 
 FastVPruner = Pruner
