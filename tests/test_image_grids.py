@@ -10,10 +10,9 @@ counts, different grids) gives each row its own grid.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_ragged_batches import noise_pictures_inputs
 
 from fastv_advanced.methods import get_method_class
 from fastv_advanced.pruning import apply_pruning
@@ -25,14 +24,7 @@ SIZES = ((336, 196), (196, 336))  # (width, height): a wide and a tall picture
 @pytest.fixture(scope="module")
 def qwen():
     model, processor = build_tiny_family("qwen2_5_vl")
-    rng = np.random.default_rng(0)
-    pictures = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))] for w, h in SIZES]
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which one?"}]}],
-        add_generation_prompt=True, tokenize=False)
-    inputs = dict(processor(text=[prompt] * 2, images=pictures, padding=True, padding_side="left",
-                            return_tensors="pt"))
-    return model, inputs
+    return model, noise_pictures_inputs(processor, SIZES)
 
 
 def coordinates(model, inputs: dict) -> list[list[tuple[int, int]]]:

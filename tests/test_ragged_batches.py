@@ -159,8 +159,8 @@ def test_text_only_row_next_to_an_image_row_is_not_pruned():
 
 def test_pyramid_drop_rows_match_each_row_alone():
     """Three stages, positions renumbered after each (a per-row shift in decode steps), padding carried from stage
-    to stage: every row's kept tokens, prefill logits and decode-step logits are those of the row run alone (itself checked
-    against an independent reference in test_schedules)."""
+    to stage: every row's kept tokens, prefill logits and decode-step logits are those of the row run alone
+    (itself checked against an independent reference in test_schedules)."""
     model, processor = build_tiny_family("llava_next")
     image = model.config.image_token_id
     inputs = anyres_inputs(processor, sizes=((336, 336), (200, 336)))
@@ -168,10 +168,7 @@ def test_pyramid_drop_rows_match_each_row_alone():
     rows = []
     with apply_pruning(model, method) as pruner, torch.no_grad():
         for row in range(2):
-            pad = int((inputs["attention_mask"][row] == 0).sum())
-            alone = {"input_ids": inputs["input_ids"][row:row + 1, pad:],
-                     "attention_mask": inputs["attention_mask"][row:row + 1, pad:],
-                     "pixel_values": inputs["pixel_values"][row:row + 1], "image_sizes": inputs["image_sizes"][row:row + 1]}
+            alone = row_alone(inputs, row)
             logits = model(**alone).logits[0, -1]
             kept = [s.kept_in_row(0).tolist() for s in pruner.selections]
             steps = model.generate(**alone, max_new_tokens=4, do_sample=False, output_logits=True,

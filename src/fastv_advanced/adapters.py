@@ -89,10 +89,12 @@ class LlavaAdapter:
             return None
         return f"{self.family}'s anyres image tokens (base image, tiles, a newline token per tile row) form no one grid"
 
-    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor) -> torch.Tensor | None:
+    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor,
+                           runs: torch.Tensor) -> torch.Tensor | None:
         """LongTensor[batch, 2]: per row, the (rows, cols) its image tokens span on the image's token grid, where
-        the model's inputs say it (Qwen-VL), else None. `is_image` BoolTensor[batch, S]. Row-major order is
-        assumed; the caller trusts it only for a row with one image whose count is rows x cols."""
+        the model's inputs say it (Qwen-VL), else None. `is_image` BoolTensor[batch, S]; `runs` LongTensor[batch],
+        the images in each row. Row-major order is assumed; the caller trusts it only for a row with one image
+        whose count is rows x cols."""
         return None
 
     def check_prompt(self, seq_len: int) -> None:
@@ -227,7 +229,8 @@ class QwenVLAdapter(LlavaAdapter):
 
     patch_grid = None  # each image's merged patches, h x w (image_grid_thw)
 
-    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor) -> torch.Tensor | None:
+    def image_grid_extents(self, model_inputs: dict, is_image: torch.Tensor,
+                           runs: torch.Tensor) -> torch.Tensor | None:
         """From the 3-D M-RoPE positions (`position_ids` [3 or 4, batch, S], what `generate` passes: the last two
         are the row and column of an image token) or, in a plain forward call, from `image_grid_thw` [images, 3]
         (each row's first image; patches merged `spatial_merge_size` x `spatial_merge_size`)."""
@@ -241,7 +244,6 @@ class QwenVLAdapter(LlavaAdapter):
         grid = model_inputs.get("image_grid_thw")
         if not isinstance(grid, torch.Tensor) or grid.numel() == 0:
             return None
-        runs = (is_image[:, 1:] & ~is_image[:, :-1]).sum(dim=1) + is_image[:, 0]  # [batch] images per row
         first = (runs.cumsum(dim=0) - runs).clamp(max=grid.shape[0] - 1)  # [batch] each row's first image
         merge = self.model.config.vision_config.spatial_merge_size
         return grid.to(is_image.device)[first, 1:] // merge

@@ -1,8 +1,11 @@
-"""Theoretical prefill FLOPs of the decoder with and without FastV (DESIGN.md section 4), from real shapes."""
+"""Theoretical prefill FLOPs of the decoder with and without FastV (DESIGN.md section 4), from real shapes, and of
+the vision tower and projector from the images' geometry."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from .selection import image_starts
 
 
 @dataclass(frozen=True)
@@ -148,13 +151,6 @@ def _vit_crop_flops(config) -> int:
     return total + 2 * features * (dim * text + text * text)
 
 
-def _image_runs(input_ids, image_token_id: int) -> list[int]:
-    """Per row of `input_ids` [batch, S], how many images it holds (runs of consecutive image tokens)."""
-    is_image = input_ids == image_token_id
-    starts = is_image[:, 1:] & ~is_image[:, :-1]
-    return (starts.sum(dim=1) + is_image[:, 0].long()).tolist()
-
-
 def vision_flops_per_row(config, inputs: dict) -> list[int] | None:
     """Vision-tower and projector FLOPs (2 per multiply-add: projections, attention, FFN, patch embedding, mergers)
     of each row of a batch of model inputs, from the images' geometry: LLaVA-1.5 and Gemma 3 one crop per image,
@@ -163,7 +159,7 @@ def vision_flops_per_row(config, inputs: dict) -> list[int] | None:
     inside the language model. None for a text-only batch or a family without a formula."""
     if "input_ids" not in inputs or ("pixel_values" not in inputs):
         return None
-    images_per_row = _image_runs(inputs["input_ids"], config.image_token_id)
+    images_per_row = image_starts(inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist()
     model_type = config.model_type
     if model_type.startswith("qwen"):
         per_image = [_qwen_image_flops(config, grid) for grid in inputs["image_grid_thw"].tolist()]

@@ -35,8 +35,8 @@ from .methods import PruningMethod, Stage, StageInputs
 from .methods.base import VisionFeatures
 from .row_groups import choose_per_group, row_grids
 from .selection import block_key_columns, drop_tokens, gather_layer_inputs, gather_mask, gather_rows, image_attention
-from .selection import image_numbers, kept_image_tokens, last_query_attention, ordered_positions, query_rows_attention
-from .selection import ragged_kept_sequence, rotated_keys
+from .selection import image_numbers, image_starts, kept_image_tokens, last_query_attention, ordered_positions
+from .selection import query_rows_attention, ragged_kept_sequence, rotated_keys
 
 SUPPORTED_TRANSFORMERS = (Version("5.20"), Version("6"))
 
@@ -129,9 +129,9 @@ class _Prompt:
 
     Rows with different numbers of image tokens, or image-token grids of different shapes (`ragged`): n and N are
     the largest counts, `counts` and `original_counts` each row's own; a row's slots past its count point at the
-    last position. `grids`: per row, the (rows, cols) layout of its image tokens where the model input gives it. `padding`
-    BoolTensor[batch, S_cur] marks dropped tokens kept only to give every row one length (`padding_counts` per
-    row); `position_shift` is then a LongTensor[batch, 1].
+    last position. `grids`: per row, the (rows, cols) layout of its image tokens where the model input gives it.
+    `padding` BoolTensor[batch, S_cur] marks dropped tokens kept only to give every row one length
+    (`padding_counts` per row); `position_shift` is then a LongTensor[batch, 1].
     """
 
     is_image: torch.Tensor
@@ -409,8 +409,8 @@ class Pruner:
         padded = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         pads = (attention_mask == 0).sum(dim=1) if padded else torch.zeros_like(counts)
         right_padded = (attention_mask[:, -1] == 0).any().long()[None] if padded else counts.new_zeros(1)
-        runs = (is_image[:, 1:] & ~is_image[:, :-1]).sum(dim=1) + is_image[:, 0]  # images per row
-        extents = self.adapter.image_grid_extents(model_inputs, is_image)  # [batch, 2] or None
+        runs = image_starts(is_image).sum(dim=1)  # [batch] images per row
+        extents = self.adapter.image_grid_extents(model_inputs, is_image, runs)  # [batch, 2] or None
         extents = counts.new_zeros(0) if extents is None else extents.flatten().to(counts)
         values = torch.cat([counts, image_start - pads, image_start, is_image[:, -1].long(), runs, right_padded,
                             extents]).tolist()
@@ -525,10 +525,8 @@ class Pruner:
         """BoolTensor[batch, Q]: which of the last Q positions come after each row's image block."""
         prompt = self._prompt
         window = torch.arange(seq_len - prompt.text_rows, seq_len, device=prompt.image_positions.device)
-        if not prompt.ragged:
-            return window[None] > prompt.image_positions[:, -1:]
         last = torch.tensor([max(count - 1, 0) for count in prompt.counts], device=window.device)[:, None]
-        return window[None] > prompt.image_positions.gather(1, last)
+        return window[None] > prompt.image_positions.gather(1, last)  # each row's own last image token
 
     def _take_vision(self) -> VisionFeatures:
         vision, self._vision = self._vision, None

@@ -208,10 +208,8 @@ def _run_inputs(ctx: SampleContext, batch: list[PlannedQuestion], inputs: dict, 
     records = []
     for row, (item, pad, seed) in enumerate(zip(batch, pads, seeds)):
         is_image = torch.tensor(item.ids) == ctx.model.config.image_token_id  # [S] of the unpadded prompt
-        record = _sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
-                                row=row, pad=pad, batch_size=len(batch))
-        record["vision_flops"] = vision_flops[row]
-        records.append(record)
+        records.append(_sample_record(ctx, item.question, item.prompt, is_image, generation, seed, warmup,
+                                      row=row, pad=pad, batch_size=len(batch), vision_flops=vision_flops[row]))
     return records, drew_random
 
 
@@ -242,7 +240,7 @@ def _generate(ctx: SampleContext, inputs: dict, seed: int) -> _Generation:
 
 def _sample_record(
     ctx: SampleContext, question: Question, prompt: str, is_image: torch.Tensor, generation: _Generation, seed: int,
-    warmup: bool, *, row: int = 0, pad: int = 0, batch_size: int = 1,
+    warmup: bool, *, row: int = 0, pad: int = 0, batch_size: int = 1, vision_flops: int | None = None,
 ) -> dict:
     """The JSONL record of an evaluated sample; `is_image` [S] marks the prompt's image tokens. In a batch the
     sample is row `row` of the output, after `pad` padding tokens; its answer ends at its first EOS (the rows
@@ -286,6 +284,7 @@ def _sample_record(
         "baseline_prefill_flops": flops["baseline_flops"],
         "flops_ratio": flops["ratio"],
         "pruned_num_tokens": flops["pruned_num_tokens"],
+        "vision_flops": vision_flops,
         "kept_per_stage": [list(stage) for stage in stages] if pruned else None,
         "avg_image_tokens_per_layer": sum(flops["image_tokens_per_layer"]) / max(ctx.shape.num_layers, 1),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None,

@@ -200,11 +200,16 @@ def gather_layer_inputs(name: str, value, positions: torch.Tensor, offsets: torc
     return recompute_rope(gather_rows(position_ids, positions, 1) - offsets)
 
 
+def image_starts(is_image: torch.Tensor) -> torch.Tensor:
+    """BoolTensor[batch, S]: the first token of each image, one image being a run of consecutive image tokens of
+    `is_image` [batch, S]."""
+    return is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
+
+
 def image_numbers(is_image: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
-    """Which image each image token belongs to, 0-based in prompt order, one image being a run of consecutive image
-    tokens: LongTensor[batch, N] for the image tokens at `image_positions` [batch, N] of `is_image` [batch, S]."""
-    starts = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
-    return (starts.long().cumsum(dim=1) - 1).gather(1, image_positions)
+    """Which image each image token belongs to, 0-based in prompt order: LongTensor[batch, N] for the image tokens
+    at `image_positions` [batch, N] of `is_image` [batch, S]."""
+    return (image_starts(is_image).long().cumsum(dim=1) - 1).gather(1, image_positions)
 
 
 def ragged_kept_sequence(image_positions: torch.Tensor, is_image: torch.Tensor, padding: torch.Tensor | None,

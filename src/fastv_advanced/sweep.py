@@ -319,8 +319,9 @@ class Sweep:
         A configuration whose method cannot prune this model (a method that reads a [CLS] attention on a tower
         without one, a patch-grid method on anyres tokens, ...) is marked `not applicable`, with the reason in
         `error`, and the sweep goes on. Raises `ConfigurationMismatch` (before loading) when files of another
-        configuration are in the way, `SweepError` naming the configuration that failed, and lets `KeyboardInterrupt` through with the entry
-        marked `interrupted`. `entries` says what happened to every configuration in each case.
+        configuration are in the way, `SweepError` naming the configuration that failed, and lets
+        `KeyboardInterrupt` through with the entry marked `interrupted`. `entries` says what happened to every
+        configuration in each case.
         """
         plans = self.plan()
         self._raise_conflicts(plans)

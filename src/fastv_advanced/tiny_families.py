@@ -89,6 +89,8 @@ def _vision(kind: type, **extra):
 
 
 def _config_and_processor(model_type: str, decoder: str | None = None):
+    if decoder is not None and model_type != "llava_next":
+        raise ValueError(f"only llava_next takes a decoder choice, not {model_type}")
     tokenizer = _tokenizer(model_type)
     token = tokenizer.convert_tokens_to_ids
     template = _TEMPLATES["qwen" if model_type.startswith("qwen") else model_type]
@@ -158,8 +160,6 @@ def _config_and_processor(model_type: str, decoder: str | None = None):
                         image_seq_length=576)
     else:
         raise ValueError(f"no tiny model for {model_type!r}; choose one of {', '.join(TINY_FAMILIES)}")
-    if decoder is not None and model_type != "llava_next":
-        raise ValueError(f"only llava_next takes a decoder choice, not {model_type}")
     return config, processor
 
 
